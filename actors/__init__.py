@@ -1,0 +1,1 @@
+"""Ray actors: target backends and the streaming client used by train workers."""

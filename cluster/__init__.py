@@ -1,0 +1,1 @@
+"""Ray cluster launcher YAMLs and KubeRay manifests."""

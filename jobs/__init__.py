@@ -1,0 +1,1 @@
+"""Entrypoints, configs, the Ray Train loop and MLflow tracking."""
