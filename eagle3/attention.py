@@ -1,0 +1,190 @@
+"""TTT attention: step-0 causal keys plus one "diagonal" key per later step, without any [T, T] tensor per step.
+
+At TTT step k the query at index i attends to the step-0 keys 0..i of its own sample (causal + padding/packing
+mask) and to the key at the same index i from each of steps 1..k. The official code materialises the [B,H,T,T]
+scores of every step for backward (memory K·T²). Here the causal block runs as a flash-style kernel that returns
+its log-sum-exp; the k diagonal keys are merged in closed form; and a custom backward calls the kernel's own
+backward with the MERGED output and log-sum-exp, which is exactly the gradient of the full softmax restricted to
+the causal keys (FlashAttention's split-KV identity). Saved state per step is O(B·H·T·(hd + k)): linear in K.
+
+Two kernels compute the causal block: the fused CPU flash op (`aten._scaled_dot_product_flash_attention_for_cpu`)
+and a portable query-chunked PyTorch version (any device, O(chunk·T) transient memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+CHUNK = 256  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores
+
+
+@dataclass
+class TTTKV:
+    """Per-unroll attention state: step-0 keys/values and the diagonal keys/values of steps 1..k."""
+
+    doc_ids: Tensor | None = None  # [B, T] long: sample index inside a packed row, -1 at padding; None = unpacked
+    kernel: str = "auto"  # "auto" | "flash_cpu" | "chunked"
+    k0: Tensor | None = None  # [B, Hkv, T, hd]
+    v0: Tensor | None = None
+    extra_k: list[Tensor] = field(default_factory=list)  # each [B, Hkv, T, hd]
+    extra_v: list[Tensor] = field(default_factory=list)
+    _mask: Tensor | None = None  # additive [B, 1, T, T] for packed rows, built once per unroll
+
+    def snapshot(self) -> "TTTKV":
+        """A copy that later `push` calls don't change (activation checkpointing recomputes a step later)."""
+        return dataclasses.replace(self, extra_k=list(self.extra_k), extra_v=list(self.extra_v))
+
+    def push(self, k: Tensor, v: Tensor) -> None:
+        """Record the keys/values of the step just computed."""
+        if self.k0 is None:
+            self.k0, self.v0 = k, v
+        else:
+            self.extra_k.append(k)
+            self.extra_v.append(v)
+
+    def causal_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """Additive mask for packed rows (same sample and causal; every query sees itself), else None."""
+        if self.doc_ids is None:
+            return None
+        if self._mask is None or self._mask.dtype != dtype:
+            d = self.doc_ids
+            T = d.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
+            allowed = (d[:, :, None] == d[:, None, :]) & causal
+            allowed |= torch.eye(T, dtype=torch.bool, device=d.device)  # padded queries: avoid an empty row
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=d.device)
+            self._mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        return self._mask
+
+
+def _expand_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, Hkv, ...] → [B, Hkv*groups, ...] for GQA (head j uses kv head j // groups, as in HF)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
+    """Attention of one TTT step. q [B,H,T,hd]; k, v [B,Hkv,T,hd] of this step. Returns [B,H,T,hd].
+
+    Pure (no state change), so a step can be recomputed under activation checkpointing; the caller records this
+    step's k/v with `kv.push` afterwards. With no step-0 keys yet, k/v are the step-0 keys.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if kv.k0 is None:
+        k0, v0, extra_k, extra_v = k, v, [], []
+    else:
+        k0, v0, extra_k, extra_v = kv.k0, kv.v0, [*kv.extra_k, k], [*kv.extra_v, v]
+    k0, v0 = _expand_kv(k0, groups), _expand_kv(v0, groups)
+    if extra_k:
+        kd = _expand_kv(torch.stack(extra_k, dim=3), groups)  # [B, H, T, k, hd]
+        vd = _expand_kv(torch.stack(extra_v, dim=3), groups)
+    else:
+        kd = vd = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], 0, q.shape[3])
+    kernel = kv.kernel
+    if kernel == "auto":
+        kernel = "flash_cpu" if q.device.type == "cpu" else "chunked"
+    mask = kv.causal_mask(q.dtype)
+    return _TTTAttention.apply(q, k0.to(q.dtype), v0.to(q.dtype), kd.to(q.dtype), vd.to(q.dtype), mask, kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causal block kernels: forward returns (out, lse); backward takes the MERGED out/lse.
+
+
+def _causal_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kernel: str) -> tuple[Tensor, Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if kernel == "flash_cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
+        )
+        return out, lse.to(_acc(q))
+    T, acc = q.shape[2], _acc(q)
+    outs, lses = [], []
+    for s in range(0, T, CHUNK):
+        e = min(s + CHUNK, T)
+        scores = (q[:, :, s:e].to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [B, H, c, T]
+        scores = scores + _block_mask(mask, s, e, T, q.device).to(acc)
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse[..., None]) @ v.to(acc)).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _causal_bwd(
+    g: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, kernel: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if kernel == "flash_cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale
+        )
+    T, acc = q.shape[2], _acc(q)
+    dq = torch.empty_like(q, dtype=acc)
+    dk = torch.zeros_like(k, dtype=acc)
+    dv = torch.zeros_like(v, dtype=acc)
+    kf, vf = k.to(acc), v.to(acc)
+    delta = (g.to(acc) * out.to(acc)).sum(-1)  # [B, H, T]: rowsum(dO ∘ O) of the merged softmax
+    for s in range(0, T, CHUNK):
+        e = min(s + CHUNK, T)
+        qc, gc = q[:, :, s:e].to(acc), g[:, :, s:e].to(acc)
+        scores = (qc @ kf.transpose(-1, -2)) * scale + _block_mask(mask, s, e, T, q.device).to(acc)
+        p = torch.exp(scores - lse[:, :, s:e, None])  # [B, H, c, T]
+        dv += p.transpose(-1, -2) @ gc
+        ds = p * ((gc @ vf.transpose(-1, -2)) - delta[:, :, s:e, None])
+        dq[:, :, s:e] = (ds @ kf) * scale
+        dk += (ds.transpose(-1, -2) @ qc) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32 for half types, else the input's (fp64 stays fp64 for exact tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _block_mask(mask: Tensor | None, s: int, e: int, T: int, device: torch.device) -> Tensor:
+    if mask is not None:
+        return mask[:, :, s:e].float()
+    rows = torch.arange(s, e, device=device)[:, None]
+    cols = torch.arange(T, device=device)[None, :]
+    return torch.zeros(e - s, T, device=device).masked_fill_(cols > rows, float("-inf"))
+
+
+class _TTTAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k0, v0, kd, vd, mask, kernel):  # noqa: D401 - autograd signature
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out_c, lse_c = _causal_fwd(q, k0, v0, mask, kernel)  # [B,H,T,hd], [B,H,T]
+        if kd.shape[3] == 0:
+            out, lse = out_c, lse_c
+        else:
+            acc = _acc(q)
+            s_d = torch.einsum("bhtd,bhtkd->bhtk", q.to(acc), kd.to(acc)) * scale  # [B, H, T, k]
+            lse = torch.logaddexp(lse_c, torch.logsumexp(s_d, dim=-1))
+            p_d = torch.exp(s_d - lse[..., None])
+            out = torch.exp(lse_c - lse)[..., None] * out_c.to(acc) + torch.einsum("bhtk,bhtkd->bhtd", p_d, vd.to(acc))
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse, mask)
+        ctx.kernel = kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k0, v0, kd, vd, out, lse, mask = ctx.saved_tensors
+        g = g.contiguous()
+        dq, dk0, dv0 = _causal_bwd(g, q, k0, v0, out, lse, mask, ctx.kernel)
+        if kd.shape[3] == 0:
+            return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None, None
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        acc = _acc(q)
+        qf, gf, kdf, vdf = q.to(acc), g.to(acc), kd.to(acc), vd.to(acc)
+        p_d = torch.exp(torch.einsum("bhtd,bhtkd->bhtk", qf, kdf) * scale - lse[..., None])  # [B, H, T, k]
+        delta = (gf * out.to(acc)).sum(-1, keepdim=True)  # [B, H, T, 1]
+        dvd = p_d[..., None] * gf[:, :, :, None, :]
+        ds = p_d * (torch.einsum("bhtd,bhtkd->bhtk", gf, vdf) - delta)
+        dq = dq.to(acc) + torch.einsum("bhtk,bhtkd->bhtd", ds, kdf) * scale
+        dkd = ds[..., None] * qf[:, :, :, None, :] * scale
+        return dq.to(q.dtype), dk0, dv0, dkd.to(kd.dtype), dvd.to(vd.dtype), None, None

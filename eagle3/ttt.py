@@ -1,0 +1,168 @@
+"""Training-time test (TTT): unroll the draft K steps, feeding its own hidden state back, scoring every step.
+
+Index convention (target logits at position p predict token p+1):
+  step k at index i embeds token i+1+k (from `feed`), reads the draft hidden of step k-1 at i (step 0: fc(aux_i)),
+  sits at RoPE position pos_i + k, and is scored against the target distribution at p = i+1+k, i.e. the
+  prediction of token i+2+k. The position counts iff token i+2+k is an assistant token (loss_mask) of the same
+  packed sample. (The official code masks with loss_mask[i+k], two tokens early; ours scores exactly the tokens
+  the draft will be asked to propose.)
+
+Token inputs and labels per step are arguments (`feed`, `targets`), dataset tokens and the teacher shifted by
+default, so other feedback modes (draft-sampled tokens relabelled by the target) reuse this unroll unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from eagle3.attention import TTTKV
+from eagle3.loss import Normalization, simulated_accept_length, soft_ce_sum, step_accuracy, step_weights
+from eagle3.model import Eagle3Draft
+from eagle3.target_head import Teacher
+
+
+@dataclass(frozen=True, kw_only=True)
+class TTTConfig:
+    """How the draft is unrolled and scored."""
+
+    length: int = 7
+    """Number of TTT steps K (1 = plain EAGLE training without feedback)."""
+    step_decay: float = 0.8
+    """Weight of step k is step_decay**k."""
+    normalization: Normalization = "valid"
+    """'valid': divide each step's loss by its labelled positions; 'official': mean over all B·T positions."""
+    attention_kernel: Literal["auto", "flash_cpu", "chunked"] = "auto"
+    """Causal-block kernel: fused CPU flash op, portable chunked PyTorch, or auto (flash on CPU)."""
+    grad_checkpoint: bool = False
+    """Recompute each step's activations in backward (less memory, ~30% more compute)."""
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"ttt.length must be >= 1, got {self.length}")
+        if not 0.0 < self.step_decay <= 1.0:
+            raise ValueError(f"ttt.step_decay must be in (0, 1], got {self.step_decay}")
+        if self.normalization not in ("valid", "official"):
+            raise ValueError(f"ttt.normalization must be 'valid' or 'official', got {self.normalization!r}")
+        if self.attention_kernel not in ("auto", "flash_cpu", "chunked"):
+            raise ValueError(f"ttt.attention_kernel must be auto|flash_cpu|chunked, got {self.attention_kernel!r}")
+
+
+@dataclass
+class StepTargets:
+    """Labels of one TTT step, aligned with draft index i (length T_k <= T; later indices have no label)."""
+
+    probs: Tensor  # [B, T_k, draft_vocab] fp32 teacher distribution
+    argmax: Tensor  # [B, T_k] long target ids: the target's greedy choice
+    in_draft: Tensor  # [B, T_k] bool: argmax is in the draft vocab
+    label_mask: Tensor  # [B, T_k] bool: position is scored
+
+
+@dataclass
+class TTTOutput:
+    loss: Tensor  # scalar, Σ_k decay^k loss_k (with grad)
+    loss_k: Tensor  # [K] detached per-step losses
+    correct_k: Tensor  # [K] long: draft argmax == target argmax over labelled positions
+    count_k: Tensor  # [K] long: labelled positions
+    last_logits: Tensor | None = None  # [B, T_K, draft_vocab] of the last step (detached), for callers that sample
+
+    @property
+    def acc_k(self) -> Tensor:
+        return self.correct_k.float() / self.count_k.clamp_min(1).float()
+
+    @property
+    def sim_accept_len(self) -> float:
+        return float(simulated_accept_length(self.acc_k))
+
+
+TokenFeed = Callable[[int, "Tensor | None"], Tensor]  # (step k, draft logits of step k-1 or None) -> ids [B, T]
+StepLabels = Callable[[int], StepTargets]
+
+
+def shift_left(x: Tensor, n: int, fill: int | float | bool = 0) -> Tensor:
+    """x[:, n:] padded with `fill` at the end to keep length T."""
+    if n == 0:
+        return x
+    pad = x.new_full((x.shape[0], min(n, x.shape[1]), *x.shape[2:]), fill)
+    return torch.cat((x[:, n:], pad), dim=1)
+
+
+def data_feed(input_ids: Tensor) -> TokenFeed:
+    """Teacher forcing (the official recipe): step k embeds dataset token i+1+k."""
+    return lambda k, _prev_logits: shift_left(input_ids, 1 + k)
+
+
+def data_targets(teacher: Teacher, loss_mask: Tensor, doc_ids: Tensor) -> StepLabels:
+    """Labels along the dataset path: step k at index i uses the teacher at i+1+k (predicting token i+2+k)."""
+    T = loss_mask.shape[1]
+
+    def targets(k: int) -> StepTargets:
+        n = 1 + k
+        L = max(T - n - 1, 0)  # indices whose predicted token i+n+1 is inside the row
+        same_doc = (doc_ids[:, :L] == doc_ids[:, n + 1 : n + 1 + L]) & (doc_ids[:, :L] >= 0)
+        return StepTargets(
+            probs=teacher.probs[:, n : n + L],
+            argmax=teacher.argmax[:, n : n + L],
+            in_draft=teacher.in_draft[:, n : n + L],
+            label_mask=loss_mask[:, n + 1 : n + 1 + L].bool() & same_doc,
+        )
+
+    return targets
+
+
+def ttt_unroll(
+    draft: Eagle3Draft,
+    aux_hidden: Tensor,
+    position_ids: Tensor,
+    doc_ids: Tensor | None,
+    feed: TokenFeed,
+    targets: StepLabels,
+    cfg: TTTConfig,
+) -> TTTOutput:
+    """Run K TTT steps and return the weighted loss and per-step metrics.
+
+    aux_hidden [B, T, 3h]; position_ids [B, T]; doc_ids [B, T] (packed rows, -1 at padding) or None when every row
+    holds one sample (right padding: causal masking alone isolates padding from valid queries).
+    """
+    kv = TTTKV(doc_ids=doc_ids if doc_ids is not None and bool((doc_ids > 0).any()) else None,
+               kernel=cfg.attention_kernel)
+    weights = step_weights(cfg.length, cfg.step_decay)
+    hidden = draft.project(aux_hidden)  # [B, T, h]
+    B, T = position_ids.shape
+    total = hidden.new_zeros((), dtype=torch.float32)
+    loss_k, correct_k, count_k = [], [], []
+    prev_logits: Tensor | None = None
+    for k in range(cfg.length):
+        ids = feed(k, prev_logits)
+        pos = position_ids + k
+        if cfg.grad_checkpoint and torch.is_grad_enabled():
+            hidden, key, value = checkpoint(draft.step, ids, hidden, pos, kv.snapshot(), use_reentrant=False)
+        else:
+            hidden, key, value = draft.step(ids, hidden, pos, kv)
+        kv.push(key, value)
+        tgt = targets(k)
+        Tk = tgt.label_mask.shape[1]
+        logits = draft.compute_logits(hidden[:, :Tk])  # [B, T_k, draft_vocab]
+        position_mask = tgt.label_mask & tgt.in_draft
+        ce = soft_ce_sum(logits, tgt.probs, position_mask)
+        denom = tgt.label_mask.sum().clamp_min(1) if cfg.normalization == "valid" else B * T
+        step_loss = ce / denom
+        total = total + weights[k] * step_loss
+        with torch.no_grad():
+            draft_tokens = draft.draft_to_target(logits.argmax(-1))
+            correct, count = step_accuracy(draft_tokens, tgt.argmax, tgt.label_mask)
+        loss_k.append(step_loss.detach())
+        correct_k.append(correct)
+        count_k.append(count)
+        prev_logits = logits
+    return TTTOutput(
+        loss=total,
+        loss_k=torch.stack(loss_k),
+        correct_k=torch.stack(correct_k),
+        count_k=torch.stack(count_k),
+        last_logits=prev_logits.detach() if prev_logits is not None else None,
+    )
