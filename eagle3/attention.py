@@ -52,14 +52,21 @@ class TTTKV:
         if self.doc_ids is None:
             return None
         if self._mask is None or self._mask.dtype != dtype:
-            d = self.doc_ids
-            T = d.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
-            allowed = (d[:, :, None] == d[:, None, :]) & causal
-            allowed |= torch.eye(T, dtype=torch.bool, device=d.device)  # padded queries: avoid an empty row
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=d.device)
+            allowed = packed_causal_allowed(self.doc_ids)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             self._mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         return self._mask
+
+
+def packed_causal_allowed(doc_ids: Tensor) -> Tensor:
+    """[B, T, T] bool: query i may see key j iff j <= i in the same packed sample (doc_ids [B, T], -1 = padding).
+
+    Every query also sees itself, so padding rows are never empty (their outputs are unused).
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+    return allowed | torch.eye(T, dtype=torch.bool, device=doc_ids.device)
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:

@@ -1,0 +1,83 @@
+"""Payloads that cross process boundaries between target actors and train workers (typed, shapes in comments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from eagle3.attention import packed_causal_allowed
+from eagle3.data import Batch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetInfo:
+    """What a trainer must agree on with the target; checked once against the draft config."""
+
+    model_id: str  # what the user asked for (builtin name, folder or .gguf path)
+    revision: str  # content fingerprint of the weights (sha256 prefix of the safetensors index / file)
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    aux_layer_ids: tuple[int, int, int]
+    dtype: str  # compute dtype of the target, e.g. "bfloat16"
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int
+    chat_template_id: str  # sha256 prefix of the tokenizer's chat template
+    hf_config: dict[str, Any] = field(hash=False)  # the target's full HF config (to build DraftConfig)
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat dict for experiment tracking."""
+        return {
+            "model_id": self.model_id, "revision": self.revision, "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+            "aux_layer_ids": list(self.aux_layer_ids), "dtype": self.dtype,
+            "rope_theta": self.rope_parameters.get("rope_theta"),
+            "max_position_embeddings": self.max_position_embeddings, "chat_template_id": self.chat_template_id,
+        }
+
+
+@dataclass
+class TargetBatch:
+    """Target features for a data Batch (tokens, masks, positions); the batch is passed through unchanged."""
+
+    batch: Batch
+    aux_hidden: Tensor  # [B, T, 3*h] bf16: hidden states ENTERING the 3 aux layers, concatenated low/mid/high
+    last_hidden: Tensor  # [B, T, h] bf16: final hidden state AFTER the target's final norm (ready for lm_head)
+    target_seconds: float = 0.0  # time the actor spent computing it
+    actor: str = ""  # which actor produced it
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.aux_hidden.numel() * self.aux_hidden.element_size() + \
+            self.last_hidden.numel() * self.last_hidden.element_size()
+
+
+@dataclass
+class FrozenWeights:
+    """Target tensors the trainer keeps (frozen): token embeddings for the draft, lm_head for TargetHead."""
+
+    embed_tokens: Tensor  # [V, h]
+    lm_head: Tensor  # [V, h] (the same tensor as embed_tokens for tied targets)
+
+
+class TargetBackend(Protocol):
+    """What a target actor offers; implemented by `actors.hf_backend.HFTarget`."""
+
+    def info(self) -> TargetInfo: ...
+
+    def frozen_weights(self) -> FrozenWeights: ...
+
+    def forward(self, batch: Batch) -> TargetBatch: ...
+
+
+def packed_attention_bias(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive [B, 1, T, T] mask for the target: causal within each packed sample, nothing across samples.
+
+    Float, not bool: eager attention with bool 4D masks is silently wrong in transformers.
+    """
+    allowed = packed_causal_allowed(doc_ids)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
