@@ -140,7 +140,7 @@ class Batch:
         return dataclasses.replace(
             self,
             **{
-                f.name: getattr(self, f.name).to(device, non_blocking=True)
+                f.name: getattr(self, f.name).to(device)
                 for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)
             },
@@ -181,21 +181,21 @@ def _as_record(obj: Any) -> dict | DataError:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for index, line in enumerate(f):
             if not line.strip():
                 continue
             try:
                 yield index, _as_record(json.loads(line))
             except json.JSONDecodeError as e:
-                yield index, DataError(f"line {index + 1} is not valid JSON ({e.msg}); fix or remove it", "not_json")
+                yield index, DataError(f"not valid JSON ({e.msg}); fix or remove the line", "not_json")
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     # json.load would need the whole file in memory and fails on a cut-off file (the packaged ShareGPT
     # is one), so decode one record at a time from a sliding buffer.
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         buf = f.read(_CHUNK).lstrip()
         if not buf.startswith("["):
             raise DataError(f"{path}: expected a JSON list of records, starting with '['", "not_json")
@@ -224,7 +224,8 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                         f"{path}: record {index} is not valid JSON ({error.msg if error else 'cut off'}); fix the file",
                         "not_json",
                     )
-                yield index, DataError(f"incomplete record at the end of the file ({len(buf) - pos} characters)", "incomplete_tail")
+                tail = f"incomplete record at the end of the file ({len(buf) - pos} characters)"
+                yield index, DataError(tail, "incomplete_tail")
                 return
             more = f.read(chunk)
             chunk *= 2  # a record longer than the buffer is re-decoded O(log n) times, not O(n)
@@ -232,7 +233,7 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
             buf, pos = buf[pos:] + more, 0
 
 
-def _messages(record: dict) -> list[dict[str, str]]:
+def record_messages(record: dict) -> list[dict[str, str]]:
     """The record's turns as [{"role", "content"}], roles mapped through ROLE_MAP."""
     if isinstance(record.get("conversations"), list):
         turns, role_key, content_key = record["conversations"], "from", "value"
@@ -290,10 +291,14 @@ def _encode(messages: list[dict[str, str]], tokenizer, special_ids: frozenset[in
     first_user = roles.index("user") if "user" in roles else len(roles)
     trained = [i for i in range(first_user + 1, len(roles)) if roles[i] == "assistant"]
     if not trained:
-        raise DataError("no assistant turn after a user turn; nothing to train on", "no_assistant_turn")
+        raise DataError(
+            "no assistant turn after a user turn, so nothing to train on; remove the record", "no_assistant_turn"
+        )
     for i in trained:
         if not messages[i]["content"].strip():
-            raise DataError(f"turn {i} is an assistant turn with empty content", "empty_content")
+            raise DataError(
+                f"turn {i} is an assistant turn with empty content; fill it in or remove the record", "empty_content"
+            )
 
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []  # (start, end or None) in characters of `full`
@@ -376,8 +381,8 @@ def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
     special_ids = _special_ids(tokenizer)
     samples: list[Sample] = []
     stats = DataStats()
-    records = tqdm(iter_records(path), desc=f"tokenizing {path.name}", unit=" rec", disable=None)
-    for index, record in records:
+    progress = tqdm(iter_records(path), desc=f"tokenizing {path.name}", unit=" rec", disable=None)
+    for index, record in progress:
         if isinstance(record, DataError) and record.reason == "incomplete_tail":
             stats.incomplete_tail += 1
             continue
@@ -386,7 +391,7 @@ def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
         try:
             if isinstance(record, DataError):
                 raise record
-            ids, mask = _encode(_messages(record), tokenizer, special_ids)
+            ids, mask = _encode(record_messages(record), tokenizer, special_ids)
         except DataError as e:
             if cfg.on_bad_record == "skip":
                 stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
@@ -406,7 +411,7 @@ def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
         stats.loss_tokens += int(mask.sum())
         if cfg.max_samples is not None and stats.kept >= cfg.max_samples:
             break
-    records.close()
+    progress.close()
     return samples, stats
 
 

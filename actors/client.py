@@ -1,0 +1,105 @@
+"""The client a train worker uses to stream target features: several requests in flight over all target actors.
+
+Deterministic: batches come out in the order they were given, whatever actor answered first. Fault tolerant: a
+request whose actor died is sent again (to the least-loaded actor; Ray restarts the dead one in the background),
+and every resend is counted, so each batch is delivered exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from actors.protocol import TargetBatch
+from eagle3.data import Batch
+
+ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class StreamStats:
+    """Accounting of one stream (summed into metrics by the train loop)."""
+
+    requests: int = 0  # forward calls sent, resends included
+    resent: int = 0  # requests sent again after their actor failed
+    batches: int = 0  # batches delivered
+    samples: int = 0  # samples delivered
+    tokens: int = 0  # real (non-padding) tokens delivered
+    wire_bytes: int = 0  # bytes of hidden states received
+    wait_seconds: float = 0.0  # time the consumer blocked waiting for the target
+    target_seconds: float = 0.0  # compute time reported by the actors
+    per_actor: dict[str, int] = field(default_factory=dict)  # batches served per actor
+
+
+class FeatureStream:
+    """Iterate `TargetBatch`es for `batches`, in order, keeping up to `depth` requests in flight.
+
+    `offset` staggers the actor choice between train workers so that N targets : M trainers spread evenly.
+    Backpressure: at most `depth` batches are requested ahead of the consumer.
+    """
+
+    def __init__(
+        self, actors: Sequence, batches: Sequence[Batch], *, depth: int = 2, offset: int = 0, max_resends: int = 8
+    ) -> None:
+        if not actors:
+            raise ValueError("FeatureStream needs at least one target actor")
+        if depth < 1:
+            raise ValueError(f"stream depth must be >= 1, got {depth}")
+        self.actors, self.batches, self.depth = list(actors), batches, depth
+        self.offset, self.max_resends = offset, max_resends
+        self.stats = StreamStats()
+        self._inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (batch index, actor index)
+        self._load = [0] * len(self.actors)
+        self._done: dict[int, TargetBatch] = {}
+        self._resends: dict[int, int] = {}
+
+    def _submit(self, i: int, avoid: int | None = None) -> None:
+        n = len(self.actors)
+        order = [(self.offset + i + j) % n for j in range(n)]
+        if avoid is not None and n > 1:
+            order.remove(avoid)
+        a = min(order, key=lambda j: self._load[j])  # least loaded; ties by the staggered round robin
+        ref = self.actors[a].forward.remote(self.batches[i])
+        self._inflight[ref] = (i, a)
+        self._load[a] += 1
+        self.stats.requests += 1
+
+    def __iter__(self) -> Iterator[TargetBatch]:
+        nxt_submit = 0
+        for i in range(len(self.batches)):
+            while nxt_submit < len(self.batches) and len(self._inflight) + len(self._done) < self.depth:
+                self._submit(nxt_submit)
+                nxt_submit += 1
+            t0 = time.perf_counter()
+            while i not in self._done:
+                ready, _ = ray.wait(list(self._inflight), num_returns=1)
+                self._collect(ready[0])
+            self.stats.wait_seconds += time.perf_counter() - t0
+            out = self._done.pop(i)
+            self._account(out)
+            yield out
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        i, a = self._inflight.pop(ref)
+        self._load[a] -= 1
+        try:
+            self._done[i] = ray.get(ref)
+        except ACTOR_FAILURES as err:
+            self._resends[i] = self._resends.get(i, 0) + 1
+            if self._resends[i] > self.max_resends:
+                raise RuntimeError(f"target request for batch {i} failed {self._resends[i]} times; last: {err}") from err
+            self.stats.resent += 1
+            self._submit(i, avoid=a)
+
+    def _account(self, out: TargetBatch) -> None:
+        s = self.stats
+        s.batches += 1
+        s.samples += sum(len(ids) for ids in out.batch.sample_ids)
+        s.tokens += int(out.batch.attention_mask.sum())
+        s.wire_bytes += out.wire_bytes
+        s.target_seconds += out.target_seconds
+        s.per_actor[out.actor] = s.per_actor.get(out.actor, 0) + 1

@@ -1,0 +1,45 @@
+"""Place the frozen target as Ray actors (one per device or device group) in a placement group."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.hf_backend import HFTarget, TargetConfig
+from actors.protocol import TargetInfo
+
+START_TIMEOUT_S = 900  # converting a large checkpoint on first use can take minutes
+
+
+def start_target_actors(cfg: TargetConfig) -> tuple[list, TargetInfo]:
+    """Start `cfg.num_actors` target actors and wait until each has loaded its model.
+
+    A target that cannot load surfaces here with the actor's own error (not a hang). Ray restarts a target that
+    dies later (`max_restarts`); the feature stream resends its in-flight requests.
+    """
+    bundle = {"CPU": cfg.cpus_per_actor, **({"GPU": cfg.gpus_per_actor} if cfg.gpus_per_actor else {}),
+              **(cfg.resources or {})}
+    pg = placement_group([bundle] * cfg.num_actors, strategy="SPREAD" if cfg.gpus_per_actor else "PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=START_TIMEOUT_S)
+    if not ready:
+        raise TimeoutError(
+            f"could not reserve {cfg.num_actors} target bundle(s) of {bundle} within {START_TIMEOUT_S}s; "
+            f"cluster resources: {ray.cluster_resources()}"
+        )
+    actor_cls = ray.remote(HFTarget)
+    actors = [
+        actor_cls.options(
+            name=None, max_restarts=cfg.max_restarts, max_task_retries=0, num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor, resources=cfg.resources or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(cfg, f"target-{i}")
+        for i in range(cfg.num_actors)
+    ]
+    try:
+        infos = ray.get([a.info.remote() for a in actors], timeout=START_TIMEOUT_S)
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError(f"target actor failed to start for model {cfg.model!r}: {err}") from err
+    if any(i != infos[0] for i in infos[1:]):
+        raise RuntimeError(f"target actors disagree about the model: {infos}")
+    return actors, infos[0]

@@ -1,0 +1,123 @@
+"""MLflow tracking: one run per job, created by the driver; rank 0 logs step metrics into it; a null tracker
+elsewhere. Side effects live here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Fail fast on an unreachable server instead of retrying for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+STEP_METRICS = ("loss", "sim_accept_len", "lr", "grad_norm", "tokens_per_s", "target_wait_frac", "wire_bytes_per_token")
+
+
+class NullTracker:
+    """What non-zero ranks get: every call is a no-op."""
+
+    run_id = ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+
+class MlflowTracker(NullTracker):
+    """Logs into one MLflow run through the client API (no global active-run state)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri, self.run_id = uri, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+def open_run(uri: str, experiment: str, run_name: str) -> MlflowTracker:
+    """Create (or resume, for a resubmitted run name) the MLflow run. Raises at once if `uri` is unreachable."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as err:  # noqa: BLE001 - any transport error means: unreachable
+        raise ConnectionError(
+            f"MLflow tracking URI {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); start the server "
+            f"or pass --set tracking.uri=... (empty = embedded sqlite store in the run folder)"
+        ) from err
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=1)
+    run_id = runs[0].info.run_id if runs else client.create_run(exp_id, run_name=run_name).info.run_id
+    if runs:
+        client.update_run(run_id, status="RUNNING")
+    return MlflowTracker(uri, run_id)
+
+
+def metric_history(tracker: MlflowTracker, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a metric, latest value per step (a resumed run logs some steps twice)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in tracker.client.get_metric_history(tracker.run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return sorted((s, v) for s, (_, v) in by_step.items())
+
+
+def plot_ttt_curves(tracker: MlflowTracker, ttt_length: int, out_png: Path) -> Path:
+    """PNG: loss and accuracy per TTT step over training, from the run's own metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k in range(ttt_length):
+        for ax, key in zip(axes, (f"loss_{k}", f"acc_{k}")):
+            hist = metric_history(tracker, key)
+            if hist:
+                ax.plot(*zip(*hist), label=f"step {k}", color=plt.cm.viridis(k / max(ttt_length - 1, 1)))
+    axes[0].set(title="TTT loss per step", xlabel="optimizer step", ylabel="soft CE")
+    axes[1].set(title="TTT accuracy per step (draft argmax = target argmax)", xlabel="optimizer step", ylim=(0, 1))
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def log_files(tracker: NullTracker, files: dict[str, str], artifact_path: str | None = None) -> None:
+    """Log small text files (name → content) as artifacts."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in files.items():
+            (Path(d) / name).write_text(text)
+        tracker.log_artifacts(d, artifact_path)

@@ -1,0 +1,260 @@
+"""The per-worker train loop run by Ray Train: stream target features, TTT step, AdamW, checkpoints, metrics.
+
+`Learner` is the Ray-free part (draft + TargetHead + optimizer + one step), shared with the golden-curve test;
+`train_loop_per_worker` adds data sharding, the feature stream, DDP, checkpoints and tracking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
+from eagle3.data import Batch
+from eagle3.model import DraftConfig, Eagle3Draft
+from eagle3.target_head import TargetHead
+from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_targets, ttt_unroll
+from eagle3.vocab import VocabMap
+from jobs.config import JobConfig, OptimConfig
+
+
+def draft_config_for(info: TargetInfo, draft_vocab_size: int) -> DraftConfig:
+    """The draft config a target implies; raises if the target's own report disagrees with its HF config."""
+    from transformers import AutoConfig
+
+    hf = dict(info.hf_config)
+    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    cfg = DraftConfig.from_target_config(hf_cfg, draft_vocab_size=draft_vocab_size, aux_layer_ids=info.aux_layer_ids)
+    checks = {"hidden_size": (cfg.hidden_size, info.hidden_size), "vocab_size": (cfg.vocab_size, info.vocab_size),
+              "num_layers": (cfg.target_num_layers, info.num_layers),
+              "max_position_embeddings": (cfg.max_position_embeddings, info.max_position_embeddings)}
+    bad = {k: v for k, v in checks.items() if v[0] != v[1]}
+    if bad:
+        raise ValueError(f"target info disagrees with its config: {bad}")
+    return cfg
+
+
+class TTTModule(nn.Module):
+    """Wraps the draft so DDP sees one forward per step (DDP syncs gradients of what forward() ran)."""
+
+    def __init__(self, draft: Eagle3Draft, cfg: TTTConfig) -> None:
+        super().__init__()
+        self.draft, self.cfg = draft, cfg
+
+    def forward(self, aux_hidden: Tensor, last_teacher, batch: Batch) -> TTTOutput:
+        return ttt_unroll(
+            self.draft, aux_hidden, batch.position_ids, batch.doc_ids,
+            data_feed(batch.input_ids), data_targets(last_teacher, batch.loss_mask, batch.doc_ids), self.cfg,
+        )
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Linear warmup to 1, then cosine to min_lr_ratio at total_steps."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@dataclass
+class StepResult:
+    loss: float
+    loss_k: list[float]
+    correct_k: list[int]
+    count_k: list[int]
+    grad_norm: float
+    lr: float
+
+
+class Learner:
+    """Draft + frozen TargetHead + AdamW/warmup-cosine; `step(target_batch)` does one optimizer step."""
+
+    def __init__(self, cfg: JobConfig, draft_cfg: DraftConfig, weights: FrozenWeights, vocab: VocabMap,
+                 total_steps: int, device: torch.device) -> None:
+        torch.manual_seed(cfg.optim.seed)
+        self.cfg, self.device = cfg, device
+        self.draft = Eagle3Draft(draft_cfg, embed_weight=weights.embed_tokens)
+        self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
+        self.draft.to(device)
+        self.head = TargetHead(weights.lm_head, vocab.t2d).to(device)
+        ttt = cfg.ttt if not cfg.trainer.grad_checkpoint else TTTConfig(**{**cfg.ttt.__dict__, "grad_checkpoint": True})
+        self.module: nn.Module = TTTModule(self.draft, ttt)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.draft.trainable_parameters(), lr=o.lr, betas=o.betas,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, total_steps))
+        self.autocast = o.bf16 and (device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu")
+
+    def step(self, tb: TargetBatch, weight: float = 1.0) -> StepResult:
+        """One optimizer step on a target batch; `weight`=0 contributes no gradient (uneven DDP shards)."""
+        batch = tb.batch.to(self.device)
+        aux = tb.aux_hidden.to(self.device, torch.float32)
+        teacher = self.head(tb.last_hidden.to(self.device, torch.float32))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out: TTTOutput = self.module(aux, teacher, batch)
+        (out.loss * weight).backward()
+        clip = self.cfg.optim.grad_clip
+        params = self.draft.trainable_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(
+            loss=float(out.loss.detach()), loss_k=out.loss_k.tolist(), correct_k=out.correct_k.tolist(),
+            count_k=out.count_k.tolist(), grad_norm=float(grad_norm), lr=lr,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data order and sharding
+
+
+def epoch_order(num_batches: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic shuffled batch order of an epoch."""
+    order = list(range(num_batches))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def worker_shard(order: list[int], rank: int, world: int) -> list[tuple[int, bool]]:
+    """This worker's (batch index, real) list; short shards are padded with a zero-weight repeat so that every
+    worker takes the same number of DDP steps while each batch is trained exactly once."""
+    mine = order[rank::world]
+    steps = math.ceil(len(order) / world)
+    return [(b, True) for b in mine] + [(mine[0] if mine else order[0], False)] * (steps - len(mine))
+
+
+def steps_per_epoch(num_batches: int, world: int) -> int:
+    return math.ceil(num_batches / world)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Train entry
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Run by every Ray Train worker. `config`: job config dict, target actor handles, TargetInfo, vocab map,
+    batches (object ref), MLflow uri/run id."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from actors.client import FeatureStream
+    from eagle3.checkpoint import load_train_state, save_train_state
+    from jobs.config import load_config_dict
+    from jobs.tracking import MlflowTracker, NullTracker
+
+    cfg: JobConfig = load_config_dict(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    targets, info = config["targets"], config["info"]
+    batches: list[Batch] = ray.get(config["batches"])
+    vocab: VocabMap = config["vocab"]
+    device = ray.train.torch.get_device()
+    weights = ray.get(targets[0].frozen_weights.remote())
+    draft_cfg = draft_config_for(info, cfg.draft.vocab_size)
+    per_epoch = steps_per_epoch(len(batches), world)
+    total = per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps)
+    learner = Learner(cfg, draft_cfg, weights, vocab, total, device)
+    learner.module = ray.train.torch.prepare_model(learner.module, move_to_device=True)
+
+    step, counters = 0, {"samples": 0, "tokens": 0, "resent": 0, "requests": 0, "wire_bytes": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            meta = load_train_state(d, learner.draft, learner.optimizer, learner.scheduler)
+        step, counters = meta["step"], meta["counters"]
+    tracker = MlflowTracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    faults = cfg.faults
+    crash_marker = Path(cfg.run_dir) / ".crashed-once"
+
+    def report(done: bool) -> None:
+        meta = {"step": step, "counters": counters}
+        metrics = {"step": step, "done": done}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_train_state(Path(d) / "ckpt", learner.draft, learner.optimizer, learner.scheduler, meta)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(Path(d) / "ckpt")))
+        else:
+            ray.train.report(metrics)
+
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=2.0)
+    while step < total:
+        epoch, pos = divmod(step, per_epoch)
+        shard = worker_shard(epoch_order(len(batches), cfg.optim.seed, epoch), rank, world)[pos:]
+        shard = shard[: total - step]
+        stream = FeatureStream(targets, [batches[b] for b, _ in shard], depth=cfg.trainer.stream_depth, offset=rank)
+        t_stream = t_last = time.perf_counter()
+        seen_resent = seen_requests = 0
+        for (b, real), tb in zip(shard, stream):
+            if rank == 0 and faults.kill_target_at_step and step + 1 == faults.kill_target_at_step:
+                ray.kill(targets[0], no_restart=False)  # drill: in-flight requests must be resent
+            w = 1.0 if real else 0.0
+            r = learner.step(tb, weight=w)
+            step += 1
+            # Sum over workers; dummy (zero-weight) steps contribute nothing.
+            K = len(r.loss_k)
+            vec = torch.tensor([w * x for x in r.loss_k] + [w * x for x in r.correct_k] + [w * x for x in r.count_k]
+                               + [w, w * float(tb.batch.attention_mask.sum()), w * tb.wire_bytes,
+                                  w * sum(len(row) for row in tb.batch.sample_ids)], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(vec)
+            loss_k, correct_k, count_k = vec[:K] / vec[3 * K].clamp_min(1), vec[K : 2 * K], vec[2 * K : 3 * K]
+            tokens, wire, samples = (float(x) for x in vec[3 * K + 1 :])
+            counters["tokens"] += int(tokens)
+            counters["wire_bytes"] += int(wire)
+            counters["samples"] += int(samples)
+            counters["resent"] += stream.stats.resent - seen_resent
+            counters["requests"] += stream.stats.requests - seen_requests
+            seen_resent, seen_requests = stream.stats.resent, stream.stats.requests
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            acc_k = correct_k / count_k.clamp_min(1)
+            sim = float(torch.cumprod(acc_k, 0).sum())
+            weights_k = [cfg.ttt.step_decay ** k for k in range(K)]
+            metrics = {
+                "loss": sum(wk * float(lk) for wk, lk in zip(weights_k, loss_k)),
+                "sim_accept_len": sim, "lr": r.lr, "grad_norm": r.grad_norm,
+                "tokens_per_s": tokens / max(dt, 1e-9),
+                "target_wait_frac": stream.stats.wait_seconds / max(now - t_stream, 1e-9),
+                "wire_bytes_per_token": wire / max(tokens, 1.0),
+                "trained_tokens": counters["tokens"], "samples_trained": counters["samples"],
+                "stream_resent": counters["resent"], "stream_requests": counters["requests"],
+            }
+            metrics.update({f"loss_{k}": float(loss_k[k]) for k in range(K)})
+            metrics.update({f"acc_{k}": float(acc_k[k]) for k in range(K)})
+            tracker.log_metrics(metrics, step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc0=f"{float(acc_k[0]):.2f}", tau=f"{1 + sim:.2f}")
+            if rank == 0 and faults.crash_worker_at_step == step and not crash_marker.exists():
+                crash_marker.touch()
+                raise RuntimeError(f"fault injection: worker crash at step {step}")
+            if step % cfg.trainer.checkpoint_every == 0 and step < total:
+                report(done=False)
+    if bar is not None:
+        bar.close()
+    report(done=True)
