@@ -18,6 +18,7 @@ from actors.protocol import TargetBatch
 from eagle3.data import Batch
 
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+RESTART_TIMEOUT_S = 900  # a restarted target reloads its weights
 
 
 @dataclass
@@ -63,10 +64,26 @@ class FeatureStream:
         if avoid is not None and n > 1:
             order.remove(avoid)
         a = min(order, key=lambda j: self._load[j])  # least loaded; ties by the staggered round robin
+        if a == avoid:
+            # The only actor just failed: wait for Ray to restart it instead of burning resends on it.
+            self._wait_restarted(a)
         ref = self.actors[a].forward.remote(self.batches[i])
         self._inflight[ref] = (i, a)
         self._load[a] += 1
         self.stats.requests += 1
+
+    def _wait_restarted(self, a: int) -> None:
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(self.actors[a].ping.remote(), timeout=RESTART_TIMEOUT_S)
+                return
+            except ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except RayActorError as err:
+                raise RuntimeError(f"target actor {a} died and was not restarted (max_restarts spent?): {err}") from err
 
     def __iter__(self) -> Iterator[TargetBatch]:
         nxt_submit = 0
