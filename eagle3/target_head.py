@@ -32,7 +32,9 @@ class TargetHead(nn.Module):
             raise ValueError(f"lm_head has {lm_head_weight.shape[0]} rows but t2d covers {t2d.shape[0]} tokens")
         self.register_buffer("weight", lm_head_weight.detach().clone(), persistent=False)  # [V, h]
         self.register_buffer("t2d", t2d.bool().clone(), persistent=False)  # [V]
-        self.register_buffer("draft_rows", t2d.nonzero().squeeze(-1), persistent=False)  # [draft_vocab] sorted ids
+        # Rows of the draft vocab (sorted target ids), fp32 once instead of a gather + cast every step.
+        rows = t2d.nonzero().squeeze(-1)
+        self.register_buffer("draft_weight", lm_head_weight.detach()[rows].float(), persistent=False)  # [Vd, h]
 
     @torch.no_grad()
     def full_argmax(self, last_hidden: Tensor) -> Tensor:
@@ -47,6 +49,6 @@ class TargetHead(nn.Module):
     @torch.no_grad()
     def forward(self, last_hidden: Tensor) -> Teacher:
         """last_hidden [B, T, h] (post final norm) → Teacher."""
-        draft_logits = last_hidden.float() @ self.weight[self.draft_rows].float().T  # [B, T, draft_vocab]
+        draft_logits = last_hidden.float() @ self.draft_weight.T  # [B, T, draft_vocab]
         argmax = self.full_argmax(last_hidden)
         return Teacher(probs=draft_logits.softmax(-1), argmax=argmax, in_draft=self.t2d[argmax])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import placement_group
+from dataclasses import dataclass
+
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.hf_backend import HFTarget, TargetConfig
@@ -12,7 +14,22 @@ from actors.protocol import TargetInfo
 START_TIMEOUT_S = 900  # converting a large checkpoint on first use can take minutes
 
 
-def start_target_actors(cfg: TargetConfig) -> tuple[list, TargetInfo]:
+@dataclass
+class TargetGroup:
+    """The running target actors, their (common) TargetInfo and their placement group."""
+
+    actors: list
+    info: TargetInfo
+    pg: PlacementGroup
+
+    def shutdown(self) -> None:
+        """Kill the actors and release their resources (the job may share its Ray with later jobs)."""
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+def start_target_actors(cfg: TargetConfig) -> TargetGroup:
     """Start `cfg.num_actors` target actors and wait until each has loaded its model.
 
     A target that cannot load surfaces here with the actor's own error (not a hang). Ray restarts a target that
@@ -38,8 +55,11 @@ def start_target_actors(cfg: TargetConfig) -> tuple[list, TargetInfo]:
     ]
     try:
         infos = ray.get([a.info.remote() for a in actors], timeout=START_TIMEOUT_S)
-    except ray.exceptions.RayActorError as err:
-        raise RuntimeError(f"target actor failed to start for model {cfg.model!r}: {err}") from err
-    if any(i != infos[0] for i in infos[1:]):
-        raise RuntimeError(f"target actors disagree about the model: {infos}")
-    return actors, infos[0]
+        if any(i != infos[0] for i in infos[1:]):
+            raise RuntimeError(f"target actors disagree about the model: {infos}")
+    except BaseException as err:
+        TargetGroup(actors, None, pg).shutdown()
+        if isinstance(err, ray.exceptions.RayActorError):
+            raise RuntimeError(f"target actor failed to start for model {cfg.model!r}: {err}") from err
+        raise
+    return TargetGroup(actors, infos[0], pg)

@@ -52,7 +52,11 @@ class MlflowTracker(NullTracker):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        # A resumed run keeps its first params (MLflow forbids changing them); changes become tags.
+        existing = self.client.get_run(self.run_id).data.params
+        changed = {k: f"{existing[k]} -> {v}" for k, v in params.items() if k in existing and existing[k] != str(v)}
+        self.set_tags({f"changed_on_resume.{k}": v for k, v in changed.items()})
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}", flush=True)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from jobs.data_prep import prepare_data
     from jobs.targets import start_target_actors
     from jobs.tracking import log_files, open_run, plot_ttt_curves
-    from jobs.train_loop import draft_config_for, train_loop_per_worker
 
     tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name)  # fails fast if unreachable
     data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver
@@ -49,7 +46,44 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    targets, info = start_target_actors(cfg.target)
+    group = start_target_actors(cfg.target)
+    try:
+        result, wall, draft_cfg = fit(cfg, group, data, tracker)
+    finally:
+        group.shutdown()
+
+    export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
+    final = final_metrics(tracker, cfg)
+    summary = {
+        "run": cfg.name, "wall_seconds": round(wall, 1), "export": str(export_dir), "mlflow_uri": cfg.tracking_uri(),
+        "mlflow_run_id": tracker.run_id, "samples": data.stats.kept, "batches": len(data.batches), **final,
+    }
+    plot = plot_ttt_curves(tracker, cfg.ttt.length, cfg.run_dir / "ttt_curves.png")
+    tracker.log_artifacts(plot.parent / "export", "draft")
+    log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
+    tracker.client.log_artifact(tracker.run_id, str(plot), "plots")
+    if cfg.tracking.register_model:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking_uri())
+        mv = mlflow.register_model(f"runs:/{tracker.run_id}/draft", cfg.tracking.register_model)
+        summary["registered_model_version"] = mv.version
+    tracker.client.set_terminated(tracker.run_id)
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, cfg)
+    return summary
+
+
+def fit(cfg: JobConfig, group, data, tracker):
+    """Check the target against the draft, log params, and run the Ray Train workers. Returns (result, s, cfg)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.tracking import log_files
+    from jobs.train_loop import draft_config_for, train_loop_per_worker
+
+    targets, info = group.actors, group.info
     draft_cfg = draft_config_for(info, cfg.draft.vocab_size)  # loud on any target/draft mismatch
     if data.vocab_size != info.vocab_size:
         raise ValueError(f"tokenizer has {data.vocab_size} tokens but the target reports {info.vocab_size}")
@@ -79,26 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.fit()
     wall = time.time() - t0
 
-    export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
-    final = final_metrics(tracker, cfg)
-    summary = {
-        "run": cfg.name, "wall_seconds": round(wall, 1), "export": str(export_dir), "mlflow_uri": cfg.tracking_uri(),
-        "mlflow_run_id": tracker.run_id, "samples": data.stats.kept, "batches": len(data.batches), **final,
-    }
-    plot = plot_ttt_curves(tracker, cfg.ttt.length, cfg.run_dir / "ttt_curves.png")
-    tracker.log_artifacts(plot.parent / "export", "draft")
-    log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
-    tracker.client.log_artifact(tracker.run_id, str(plot), "plots")
-    if cfg.tracking.register_model:
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri())
-        mv = mlflow.register_model(f"runs:/{tracker.run_id}/draft", cfg.tracking.register_model)
-        summary["registered_model_version"] = mv.version
-    tracker.client.set_terminated(tracker.run_id)
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary, cfg)
-    return summary
+    return result, wall, draft_cfg
 
 
 def export_from_checkpoint(cfg: JobConfig, draft_cfg, data, checkpoint) -> Path:

@@ -1,0 +1,53 @@
+"""Seeded golden loss curve: 20 optimizer steps of the tiny preset's learner on a fixed data order.
+
+Refactors must not change the loss. If a change is MEANT to change it, regenerate and say why in the commit:
+    python -m tests.test_golden --update
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "assets" / "golden_loss.json"
+STEPS = 20
+
+
+def golden_curve() -> dict[str, list[float]]:
+    from actors.hf_backend import HFTarget
+    from jobs.config import load_config
+    from jobs.data_prep import prepare_data
+    from jobs.train_loop import Learner, draft_config_for, epoch_order
+
+    torch.set_num_threads(1)  # fixed reduction order
+    cfg = load_config("tiny", overrides=["optim.rows_per_batch=2", "ttt.length=3", "optim.warmup_steps=3"])
+    data = prepare_data(cfg)
+    target = HFTarget(cfg.target)
+    learner = Learner(cfg, draft_config_for(target.info(), cfg.draft.vocab_size), target.frozen_weights(),
+                      data.vocab, STEPS, torch.device("cpu"))
+    order = epoch_order(len(data.batches), cfg.optim.seed, 0)
+    out = {"loss": [], "acc_0": []}
+    for b in order[:STEPS]:
+        r = learner.step(target.forward(data.batches[b]))
+        out["loss"].append(r.loss)
+        out["acc_0"].append(r.correct_k[0] / max(r.count_k[0], 1))
+    return out
+
+
+def test_golden_loss_curve():
+    expected = json.loads(GOLDEN.read_text())
+    got = golden_curve()
+    assert len(got["loss"]) == STEPS
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-3, abs=1e-5)
+    assert got["acc_0"] == pytest.approx(expected["acc_0"], abs=1e-3)
+    assert got["loss"][-5:] != got["loss"][:5]  # it trains, the curve is not flat
+
+
+if __name__ == "__main__":
+    if "--update" in sys.argv:
+        GOLDEN.write_text(json.dumps(golden_curve(), indent=1) + "\n")
+        print(f"wrote {GOLDEN}")
