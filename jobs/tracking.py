@@ -32,6 +32,12 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def start_system_metrics(self, node_id: str, interval_s: float) -> None:
+        pass
+
+    def stop_system_metrics(self) -> None:
+        pass
+
 
 class MlflowTracker(NullTracker):
     """Logs into one MLflow run through the client API (no global active-run state)."""
@@ -66,6 +72,21 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
+
+    def start_system_metrics(self, node_id: str, interval_s: float) -> None:
+        """CPU/GPU/memory of this process's node into the run (system/<node_id>/...)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if interval_s <= 0:
+            return
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                             node_id=node_id, tracking_uri=self.uri)
+        self._monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 def open_run(uri: str, experiment: str, run_name: str) -> MlflowTracker:

@@ -151,10 +151,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    from actors.client import FeatureStream
-    from eagle3.checkpoint import load_train_state, save_train_state
+    from eagle3.checkpoint import load_train_state
     from jobs.config import load_config_dict
     from jobs.tracking import MlflowTracker, NullTracker
 
@@ -183,6 +181,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             meta = load_train_state(d, learner.draft, learner.optimizer, learner.scheduler)
         step, counters = meta["step"], meta["counters"]
     tracker = MlflowTracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    tracker.start_system_metrics("trainer0", cfg.tracking.system_metrics_interval_s)
+    try:
+        _train(cfg, learner, tracker, targets, batches, rank, world, step, counters, total, per_epoch)
+    finally:
+        tracker.stop_system_metrics()
+
+
+def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters, total, per_epoch) -> None:
+    """The step loop of one worker (see train_loop_per_worker)."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    from actors.client import FeatureStream
+    from eagle3.checkpoint import save_train_state
+
     faults = cfg.faults
     crash_marker = Path(cfg.run_dir) / ".crashed-once"
 

@@ -319,8 +319,12 @@ def test_rayjob_token_auth(rayjob):
 
 
 def test_cluster_presets_exist():
-    # TODO(lead): finish once jobs/config.py exists (fails until then, by design).
-    # Could also check that the GPU counts above fit the preset's topology.
-    from jobs.config import PRESETS
+    """The preset the cluster files name exists, validates, and asks for the custom resources the node types
+    offer: one `target` unit + 1 GPU per target actor, one `trainer` unit + 1 GPU per train worker."""
+    from jobs.config import PRESETS, load_config
 
     assert PRESET in PRESETS
+    cfg = load_config(PRESET)
+    assert cfg.target.resources == {"target": 1} and cfg.target.gpus_per_actor == 1
+    assert cfg.trainer.resources == {"trainer": 1} and cfg.trainer.use_gpu
+    assert cfg.target.num_actors + cfg.trainer.num_workers == 8

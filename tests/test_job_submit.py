@@ -4,6 +4,7 @@ token auth) and stops (only its own processes; `ray stop` would kill every Ray o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,9 +28,15 @@ def free_ports(n):
     return ports
 
 
-def stop_own_cluster(temp_dir: str) -> None:
-    """Kill exactly the processes whose command line names this test's Ray temp dir (gcs, raylet, dashboard...)."""
-    mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+def stop_own_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Kill exactly this test's Ray processes: those naming its temp dir (gcs, raylet, dashboard, ...) or its GCS
+    address (the client server)."""
+
+    def ours(cmd: str) -> bool:
+        return temp_dir in cmd or ("ray" in cmd and re.search(rf":{gcs_port}\b", cmd) is not None)
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if ours(" ".join(p.info["cmdline"] or []))]
+    mine = [p for p in mine if p.pid != os.getpid()]
     for p in mine:
         try:
             p.send_signal(signal.SIGTERM)
@@ -66,7 +73,7 @@ def test_ray_job_submit_tiny_preset(tmp_path):
         assert out.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
         assert "[aerie] done" in log or "export" in log
     finally:
-        stop_own_cluster(temp_dir)
+        stop_own_cluster(temp_dir, gcs)
     client_ = MlflowClient(f"sqlite:///{tmp_path / 'submitted' / 'mlflow.db'}")
     runs = client_.search_runs([client_.get_experiment_by_name("aerie").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

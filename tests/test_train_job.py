@@ -52,6 +52,7 @@ def test_tiny_preset_end_to_end(reference_run):
     assert s["samples"] == cfg.data.max_samples
     # bf16 wire floor: 8h bytes per real token (h = 64); padding tokens make the measured value higher.
     assert r.data.metrics["wire_bytes_per_token"] >= 8 * 64
+    assert any(k.startswith("system/") for k in r.data.metrics), sorted(r.data.metrics)  # CPU/memory of trainer
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"config.yaml", "summary.json", "draft", "plots"} <= arts
     assert {a.path for a in client.list_artifacts(r.info.run_id, "draft")} >= {"draft/config.json",
