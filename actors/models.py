@@ -16,9 +16,9 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from eagle3.export import atomic_dir
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-llama"
@@ -73,15 +73,8 @@ def _cached(folder: Path, build) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several actors/workers may start at once
         if (folder / "config.json").is_file():
             return folder
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             build(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return folder
 
 

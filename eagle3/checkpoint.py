@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle3.export import EXCLUDED_PREFIXES
+from eagle3.export import EXCLUDED_PREFIXES, atomic_dir
 from eagle3.model import Eagle3Draft
 
 
@@ -34,9 +32,7 @@ def save_train_state(
 ) -> Path:
     """Write a resumable checkpoint folder atomically; `meta` must be JSON-serialisable."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(_draft_state(draft), str(tmp / "draft.safetensors"))
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
@@ -55,12 +51,6 @@ def save_train_state(
             "scheduler": scheduler.state_dict(),
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,20 +98,28 @@ def save_draft(
     if fmt not in ("vllm", "sglang"):
         raise ValueError(f"unknown export format {fmt!r}; use 'vllm' or 'sglang'")
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = export_state_dict(draft, dtype)
     w_dtype = dtype or draft.fc.weight.dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "aerie_format": fmt})
         (tmp / "config.json").write_text(json.dumps(hf_config(draft.config, fmt, w_dtype), indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp folder next to `out`; when the block succeeds it takes `out`'s place (an existing `out` is
+    moved aside and removed only after the swap), when it fails it is removed. Readers never see a half folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
