@@ -82,9 +82,6 @@ class TrainerConfig:
     """Report a checkpoint every this many steps (and at the end)."""
     max_failures: int = 1
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
-    grad_checkpoint: bool = False
-    """Recompute TTT step activations in backward."""
-
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.stream_depth < 1 or self.checkpoint_every < 1:
             raise ValueError("trainer.num_workers, stream_depth and checkpoint_every must be >= 1")

@@ -47,7 +47,8 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     # The vocab map depends on the file, on every setting that changes which tokens are loss tokens, and the
     # tokenizer; all of it goes into the cache key.
     settings = json.dumps([data_fingerprint(path), cfg.data.max_length, cfg.data.overlong, cfg.data.max_samples])
-    tokenizer_id = f"{len(tok)}:{chat_template_id(tok)}:{hashlib.sha256(str(sorted(tok.get_vocab().items())[:2000]).encode()).hexdigest()[:12]}"
+    vocab_digest = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+    tokenizer_id = f"{len(tok)}:{chat_template_id(tok)}:{vocab_digest}"
     vocab = load_or_build_vocab_map(
         cache_root() / "vocab", hashlib.sha256(settings.encode()).hexdigest(), tokenizer_id, len(tok),
         cfg.draft.vocab_size, lambda: ((s.input_ids, s.loss_mask) for s in samples),

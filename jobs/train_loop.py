@@ -89,8 +89,7 @@ class Learner:
         self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
         self.draft.to(device)
         self.head = TargetHead(weights.lm_head, vocab.t2d).to(device)
-        ttt = cfg.ttt if not cfg.trainer.grad_checkpoint else TTTConfig(**{**cfg.ttt.__dict__, "grad_checkpoint": True})
-        self.module: nn.Module = TTTModule(self.draft, ttt)
+        self.module: nn.Module = TTTModule(self.draft, cfg.ttt)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.draft.trainable_parameters(), lr=o.lr, betas=o.betas,
                                            weight_decay=o.weight_decay)
