@@ -73,6 +73,18 @@ class MlflowTracker(NullTracker):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
+    def register_draft(self, name: str, artifact_path: str = "draft") -> str:
+        """Register the logged draft folder as a new version of registered model `name`; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return self.client.create_model_version(name, source=source, run_id=self.run_id).version
+
     def start_system_metrics(self, node_id: str, interval_s: float) -> None:
         """CPU/GPU/memory of this process's node into the run (system/<node_id>/...)."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -63,11 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
     tracker.client.log_artifact(tracker.run_id, str(plot), "plots")
     if cfg.tracking.register_model:
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri())
-        mv = mlflow.register_model(f"runs:/{tracker.run_id}/draft", cfg.tracking.register_model)
-        summary["registered_model_version"] = mv.version
+        summary["registered_model_version"] = tracker.register_draft(cfg.tracking.register_model)
     tracker.client.set_terminated(tracker.run_id)
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, cfg)

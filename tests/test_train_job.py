@@ -25,7 +25,7 @@ def run(tmp, name, *extra):
 @pytest.fixture(scope="module")
 def reference_run(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
-    return tmp, run(tmp, "ref")
+    return tmp, run(tmp, "ref", "--set", "tracking.register_model=aerie-tiny-draft")
 
 
 def losses(summary):
@@ -57,6 +57,9 @@ def test_tiny_preset_end_to_end(reference_run):
     assert {"config.yaml", "summary.json", "draft", "plots"} <= arts
     assert {a.path for a in client.list_artifacts(r.info.run_id, "draft")} >= {"draft/config.json",
                                                                               "draft/model.safetensors"}
+    # Registered as a model version whose source is the logged draft folder.
+    (mv,) = client.search_model_versions("name='aerie-tiny-draft'")
+    assert mv.run_id == r.info.run_id and s["registered_model_version"] == mv.version
     # The export loads back and matches the target-implied config.
     draft = load_draft(s["export"])
     assert draft.config.aux_layer_ids == (2, 3, 3) and draft.config.draft_vocab_size == 2000
