@@ -68,7 +68,6 @@ class TTTOutput:
     loss_k: Tensor  # [K] detached per-step losses
     correct_k: Tensor  # [K] long: draft argmax == target argmax over labelled positions
     count_k: Tensor  # [K] long: labelled positions
-    last_logits: Tensor | None = None  # [B, T_K, draft_vocab] of the last step (detached), for callers that sample
 
     @property
     def acc_k(self) -> Tensor:
@@ -164,5 +163,4 @@ def ttt_unroll(
         loss_k=torch.stack(loss_k),
         correct_k=torch.stack(correct_k),
         count_k=torch.stack(count_k),
-        last_logits=prev_logits.detach() if prev_logits is not None else None,
     )

@@ -12,8 +12,6 @@ from typing import Any
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-STEP_METRICS = ("loss", "sim_accept_len", "lr", "grad_norm", "tokens_per_s", "target_wait_frac", "wire_bytes_per_token")
-
 
 class NullTracker:
     """What non-zero ranks get: every call is a no-op."""
