@@ -95,19 +95,26 @@ def data_feed(input_ids: Tensor) -> TokenFeed:
     return lambda k, _prev_logits: shift_left(input_ids, 1 + k)
 
 
+def data_label_mask(loss_mask: Tensor, doc_ids: Tensor, k: int) -> Tensor:
+    """[B, T_k] bool: index i of step k is scored iff token i+2+k is an assistant token of i's own sample."""
+    n, T = 1 + k, loss_mask.shape[1]
+    L = max(T - n - 1, 0)  # indices whose predicted token i+n+1 is inside the row
+    same_doc = (doc_ids[:, :L] == doc_ids[:, n + 1 : n + 1 + L]) & (doc_ids[:, :L] >= 0)
+    return loss_mask[:, n + 1 : n + 1 + L].bool() & same_doc
+
+
 def data_targets(teacher: Teacher, loss_mask: Tensor, doc_ids: Tensor) -> StepLabels:
     """Labels along the dataset path: step k at index i uses the teacher at i+1+k (predicting token i+2+k)."""
-    T = loss_mask.shape[1]
 
     def targets(k: int) -> StepTargets:
         n = 1 + k
-        L = max(T - n - 1, 0)  # indices whose predicted token i+n+1 is inside the row
-        same_doc = (doc_ids[:, :L] == doc_ids[:, n + 1 : n + 1 + L]) & (doc_ids[:, :L] >= 0)
+        label_mask = data_label_mask(loss_mask, doc_ids, k)
+        L = label_mask.shape[1]
         return StepTargets(
             probs=teacher.probs[:, n : n + L],
             argmax=teacher.argmax[:, n : n + L],
             in_draft=teacher.in_draft[:, n : n + L],
-            label_mask=loss_mask[:, n + 1 : n + 1 + L].bool() & same_doc,
+            label_mask=label_mask,
         )
 
     return targets
@@ -121,11 +128,14 @@ def ttt_unroll(
     feed: TokenFeed,
     targets: StepLabels,
     cfg: TTTConfig,
+    denominators: Tensor | None = None,
 ) -> TTTOutput:
     """Run K TTT steps and return the weighted loss and per-step metrics.
 
     aux_hidden [B, T, 3h]; position_ids [B, T]; doc_ids [B, T] (packed rows, -1 at padding) or None when every row
     holds one sample (right padding: causal masking alone isolates padding from valid queries).
+    denominators [K]: per-step normaliser for "valid" normalisation in place of this batch's own labelled
+    positions (data parallel: global count / world size, so averaged gradients equal the global mean).
     """
     kv = TTTKV(doc_ids=doc_ids if doc_ids is not None and bool((doc_ids > 0).any()) else None,
                kernel=cfg.attention_kernel)
@@ -148,7 +158,10 @@ def ttt_unroll(
         logits = draft.compute_logits(hidden[:, :Tk])  # [B, T_k, draft_vocab]
         position_mask = tgt.label_mask & tgt.in_draft
         ce = soft_ce_sum(logits, tgt.probs, position_mask)
-        denom = tgt.label_mask.sum().clamp_min(1) if cfg.normalization == "valid" else B * T
+        if cfg.normalization == "official":
+            denom = B * T
+        else:
+            denom = (denominators[k] if denominators is not None else tgt.label_mask.sum()).clamp_min(1)
         step_loss = ce / denom
         total = total + weights[k] * step_loss
         with torch.no_grad():

@@ -21,7 +21,7 @@ from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
 from eagle3.data import Batch
 from eagle3.model import DraftConfig, Eagle3Draft
 from eagle3.target_head import TargetHead
-from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_targets, ttt_unroll
+from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets, ttt_unroll
 from eagle3.vocab import VocabMap
 from jobs.config import JobConfig, OptimConfig
 
@@ -49,10 +49,11 @@ class TTTModule(nn.Module):
         super().__init__()
         self.draft, self.cfg = draft, cfg
 
-    def forward(self, aux_hidden: Tensor, last_teacher, batch: Batch) -> TTTOutput:
+    def forward(self, aux_hidden: Tensor, last_teacher, batch: Batch, denominators: Tensor | None) -> TTTOutput:
         return ttt_unroll(
             self.draft, aux_hidden, batch.position_ids, batch.doc_ids,
             data_feed(batch.input_ids), data_targets(last_teacher, batch.loss_mask, batch.doc_ids), self.cfg,
+            denominators,
         )
 
 
@@ -96,13 +97,24 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, total_steps))
         self.autocast = o.bf16 and (device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu")
 
+    def global_denominators(self, batch: Batch, weight: float) -> Tensor | None:
+        """Labelled positions per TTT step summed over data-parallel workers, ÷ world size (None on one worker):
+        DDP averages gradients, so each worker divides its sum by the mean count and the result is the global mean."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        counts = torch.stack([data_label_mask(batch.loss_mask, batch.doc_ids, k).sum()
+                              for k in range(self.cfg.ttt.length)]).to(torch.float64) * weight
+        dist.all_reduce(counts)
+        return (counts / dist.get_world_size()).to(self.device)
+
     def step(self, tb: TargetBatch, weight: float = 1.0) -> StepResult:
         """One optimizer step on a target batch; `weight`=0 contributes no gradient (uneven DDP shards)."""
         batch = tb.batch.to(self.device)
         aux = tb.aux_hidden.to(self.device, torch.float32)
         teacher = self.head(tb.last_hidden.to(self.device, torch.float32))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out: TTTOutput = self.module(aux, teacher, batch)
+            out: TTTOutput = self.module(aux, teacher, batch, self.global_denominators(batch, weight))
         (out.loss * weight).backward()
         clip = self.cfg.optim.grad_clip
         params = self.draft.trainable_parameters()

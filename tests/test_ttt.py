@@ -207,3 +207,29 @@ def test_bf16_autocast_close_to_fp32():
         out = fast_unroll(draft, head, ids, aux, last, loss_mask, doc, pos, K=3)
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref.loss, rtol=3e-2, atol=3e-2)
+
+
+def test_global_denominators_make_data_parallel_equal_one_big_batch():
+    """Two workers, each normalising by (global labelled count / 2), average to the gradient of the whole batch."""
+    from eagle3.ttt import data_label_mask
+
+    draft = make_draft().double()
+    c = draft.config
+    ids, aux, last, loss_mask, doc, pos = make_batch(4, 12, c, seed=3)
+    aux, last = aux.double(), last.double()
+    head = TargetHead(torch.randn(c.vocab_size, c.hidden_size, dtype=torch.float64), draft.t2d)
+    K, params = 3, draft.trainable_parameters()
+    cfg = TTTConfig(length=K)
+
+    def grads(rows, denominators=None):
+        t = head(last[rows])
+        out = ttt_unroll(draft, aux[rows], pos[rows], doc[rows], data_feed(ids[rows]),
+                         data_targets(t, loss_mask[rows], doc[rows]), cfg, denominators)
+        return torch.autograd.grad(out.loss, params)
+
+    halves = [slice(0, 2), slice(2, 4)]
+    counts = sum(torch.stack([data_label_mask(loss_mask[h], doc[h], k).sum() for k in range(K)]) for h in halves)
+    per_worker = [grads(h, counts.double() / 2) for h in halves]
+    full = grads(slice(0, 4))
+    for a, b, f in zip(*per_worker, full):
+        torch.testing.assert_close((a + b) / 2, f)
