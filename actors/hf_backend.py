@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from actors.models import resolve_model, weights_fingerprint
-from actors.protocol import FrozenWeights, TargetBatch, TargetInfo, packed_attention_bias
+from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
+from eagle3.attention import packed_causal_bias
 from eagle3.data import Batch
 from eagle3.model import default_aux_layer_ids, rope_parameters_of
 
@@ -147,7 +148,7 @@ class HFTarget:
             pos = position_ids.to(self.device)
             docs = doc_ids.to(self.device)
             # One additive mask covers padding and packing alike (samples never see each other).
-            mask = packed_attention_bias(docs, self.dtype)
+            mask = packed_causal_bias(docs, self.dtype)
             out = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
         finally:
             for h in handles:

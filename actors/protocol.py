@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
-from eagle3.attention import packed_causal_allowed
 from eagle3.data import Batch
 
 
@@ -71,13 +69,3 @@ class TargetBackend(Protocol):
     def frozen_weights(self) -> FrozenWeights: ...
 
     def forward(self, batch: Batch) -> TargetBatch: ...
-
-
-def packed_attention_bias(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive [B, 1, T, T] mask for the target: causal within each packed sample, nothing across samples.
-
-    Float, not bool: eager attention with bool 4D masks is silently wrong in transformers.
-    """
-    allowed = packed_causal_allowed(doc_ids)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)

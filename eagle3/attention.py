@@ -52,21 +52,23 @@ class TTTKV:
         if self.doc_ids is None:
             return None
         if self._mask is None or self._mask.dtype != dtype:
-            allowed = packed_causal_allowed(self.doc_ids)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            self._mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+            self._mask = packed_causal_bias(self.doc_ids, dtype)
         return self._mask
 
 
-def packed_causal_allowed(doc_ids: Tensor) -> Tensor:
-    """[B, T, T] bool: query i may see key j iff j <= i in the same packed sample (doc_ids [B, T], -1 = padding).
+def packed_causal_bias(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive [B, 1, T, T] mask (0 / dtype min): query i sees key j iff j <= i in the same packed sample
+    (doc_ids [B, T], -1 = padding). Used by the draft's TTT attention and by the target alike.
 
-    Every query also sees itself, so padding rows are never empty (their outputs are unused).
+    Every query also sees itself, so padding rows are never empty (their outputs are unused). Float, not bool:
+    eager attention with bool 4D masks is silently wrong in transformers.
     """
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-    return allowed | torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    allowed |= torch.eye(T, dtype=torch.bool, device=doc_ids.device)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
 from eagle3.data import Batch
+from eagle3.loss import simulated_accept_length, step_weights
 from eagle3.model import DraftConfig, Eagle3Draft
 from eagle3.target_head import TargetHead
 from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets, ttt_unroll
@@ -257,10 +258,9 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             acc_k = correct_k / count_k.clamp_min(1)
-            sim = float(torch.cumprod(acc_k, 0).sum())
-            weights_k = [cfg.ttt.step_decay ** k for k in range(K)]
+            sim = float(simulated_accept_length(acc_k))
             metrics = {
-                "loss": sum(wk * float(lk) for wk, lk in zip(weights_k, loss_k)),
+                "loss": float((step_weights(K, cfg.ttt.step_decay).double() * loss_k).sum()),
                 "sim_accept_len": sim, "lr": r.lr, "grad_norm": r.grad_norm,
                 "tokens_per_s": tokens / max(dt, 1e-9),
                 "target_wait_frac": stream.stats.wait_seconds / max(now - t_stream, 1e-9),
