@@ -46,6 +46,7 @@ class TargetBatch:
     last_hidden: Tensor  # [B, T, h] bf16: final hidden state AFTER the target's final norm (ready for lm_head)
     target_seconds: float = 0.0  # time the actor spent computing it
     actor: str = ""  # which actor produced it
+    key: int = -1  # identity of this forward on its actor (RelabelRequest.key), -1 = not cached
 
     @property
     def wire_bytes(self) -> int:
@@ -61,11 +62,59 @@ class FrozenWeights:
     lm_head: Tensor  # [V, h] (the same tensor as embed_tokens for tied targets)
 
 
+@dataclass
+class RelabelRequest:
+    """Branches off a batch the target already forwarded: the target labels the draft's own path (DESIGN.md §4).
+
+    Branch n continues row `rows[n]` after token `points[n]`: it sees that row's prefix up to and including
+    `points[n]` (same packed sample only) and its own earlier branch tokens; its positions continue from the
+    branch point (position_ids[row, point] + 1 + m).
+    """
+
+    batch: Batch  # the batch already forwarded (recomputed from it when its cached KV was evicted)
+    key: int  # identity of that forward (`TargetBatch.key`) to find its cached prefix KV
+    rows: Tensor  # [N] long: row of each branch
+    points: Tensor  # [N] long: branch point index in that row
+    tokens: Tensor | None  # [N, M] long target ids of the branch tokens; None = the target's greedy continuation
+    length: int = 0  # M when tokens is None (greedy continuation of `length` tokens)
+
+
+@dataclass
+class RelabelResult:
+    """The target's view of each branch token."""
+
+    tokens: Tensor  # [N, M] long: the branch tokens (the request's, or the greedy continuation)
+    last_hidden: Tensor  # [N, M, h] bf16: final hidden (AFTER the final norm) at each branch token
+    target_seconds: float = 0.0  # time the actor spent
+    actor: str = ""  # which actor answered
+    cache_hit: bool = False  # prefix KV was reused (False: the prefix was recomputed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    """Sampling settings for target-written responses (online regeneration)."""
+
+    max_new_tokens: int = 256
+    """Longest response per assistant turn."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    seed: int = 0
+    """Sampling seed (per request: seed + request index keeps runs reproducible)."""
+
+
 class TargetBackend(Protocol):
-    """What a target actor offers; implemented by `actors.hf_backend.HFTarget`."""
+    """What a target actor offers; implemented by `actors.hf_backend.HFTarget` (and the vLLM backend)."""
 
     def info(self) -> TargetInfo: ...
 
     def frozen_weights(self) -> FrozenWeights: ...
 
     def forward(self, batch: Batch) -> TargetBatch: ...
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
+        """Response token ids (without the prompt, stopped at EOS or max_new_tokens) for each prompt."""
+        ...
+
+    def relabel(self, request: RelabelRequest) -> RelabelResult: ...
