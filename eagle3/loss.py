@@ -22,7 +22,7 @@ Normalization = Literal["valid", "official"]
 def soft_ce_sum(draft_logits: Tensor, target_p: Tensor, position_mask: Tensor) -> Tensor:
     """Σ over positions of the soft cross-entropy of one TTT step (normalised by the caller).
 
-    draft_logits, target_p: [B, T, draft_vocab]; position_mask: [B, T] bool.
+    draft_logits, target_p: [B, T, draft_vocab]; position_mask: [B, T] bool (or fp32 per-position weights).
     """
     logq = F.log_softmax(draft_logits.float(), dim=-1)
     return (-(target_p * logq).sum(-1) * position_mask).sum()

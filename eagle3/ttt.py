@@ -40,6 +40,18 @@ class TTTConfig:
     """Causal-block kernel: fused CPU flash op, portable chunked PyTorch, or auto (flash on CPU)."""
     grad_checkpoint: bool = False
     """Recompute each step's activations in backward (less memory, ~30% more compute)."""
+    token_feedback: Literal["data", "draft", "target"] = "data"
+    """Tokens fed at steps k >= 1: 'data' = dataset tokens (official recipe); 'draft' = sampled from the draft's
+    previous step and labelled by the target on that path (relabel); 'target' = the target's greedy continuation
+    (what temperature-0 verification accepts)."""
+    branch_fraction: float = 1.0
+    """'draft'/'target': share of labelled positions that take the fed path (the rest keep dataset tokens);
+    the extra target tokens per trained token are about branch_fraction * (length - 1)."""
+    draft_temperature: float = 0.0
+    """'draft': sampling temperature of the fed tokens (0 = the draft's argmax)."""
+    survival_weights: bool = False
+    """'draft': weight step k by the probability the chain survives verification up to it (greedy: all fed tokens
+    equal the target's argmax; sampling: prod min(1, p/q))."""
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -50,6 +62,19 @@ class TTTConfig:
             raise ValueError(f"ttt.normalization must be 'valid' or 'official', got {self.normalization!r}")
         if self.attention_kernel not in ("auto", "flash_cpu", "chunked"):
             raise ValueError(f"ttt.attention_kernel must be auto|flash_cpu|chunked, got {self.attention_kernel!r}")
+        if self.token_feedback not in ("data", "draft", "target"):
+            raise ValueError(f"ttt.token_feedback must be data|draft|target, got {self.token_feedback!r}")
+        if not 0.0 < self.branch_fraction <= 1.0:
+            raise ValueError(f"ttt.branch_fraction must be in (0, 1], got {self.branch_fraction}")
+        if self.draft_temperature < 0:
+            raise ValueError(f"ttt.draft_temperature must be >= 0, got {self.draft_temperature}")
+        if self.survival_weights and self.token_feedback != "draft":
+            raise ValueError("ttt.survival_weights only applies to ttt.token_feedback=draft")
+
+    @property
+    def uses_branches(self) -> bool:
+        """True when steps >= 1 feed a path other than the dataset's (needs the target's relabel)."""
+        return self.token_feedback != "data" and self.length > 1
 
 
 @dataclass
@@ -60,6 +85,7 @@ class StepTargets:
     argmax: Tensor  # [B, T_k] long target ids: the target's greedy choice
     in_draft: Tensor  # [B, T_k] bool: argmax is in the draft vocab
     label_mask: Tensor  # [B, T_k] bool: position is scored
+    weight: Tensor | None = None  # [B, T_k] fp32 per-position loss weight (survival); None = 1
 
 
 @dataclass
@@ -157,6 +183,8 @@ def ttt_unroll(
         Tk = tgt.label_mask.shape[1]
         logits = draft.compute_logits(hidden[:, :Tk])  # [B, T_k, draft_vocab]
         position_mask = tgt.label_mask & tgt.in_draft
+        if tgt.weight is not None:
+            position_mask = position_mask * tgt.weight
         ce = soft_ce_sum(logits, tgt.probs, position_mask)
         if cfg.normalization == "official":
             denom = B * T

@@ -66,8 +66,13 @@ def rms(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def naive_unroll(draft, head_w, t2d, ids, aux, last, loss_mask, doc, pos, K):
-    """Returns (total loss, per-step losses, per-step correct counts) computed position by position."""
+def naive_unroll(draft, head_w, t2d, ids, aux, last, loss_mask, doc, pos, K, tok_fn=None, last_fn=None,
+                 weight_fn=None, logits_out=None):
+    """Returns (total loss, per-step losses, per-step correct counts) computed position by position.
+
+    Hooks for other feedback paths: tok_fn(k, b, i) -> token fed at step k for query i (default: dataset token
+    i+1+k); last_fn(k, b, i) -> the target's last hidden that labels it (default: last[b, i+1+k]);
+    weight_fn(k, b, i) -> loss weight (default 1). logits_out[k][(b, i)] collects the draft logits."""
     c = draft.config
     m = draft.midlayer
     a = m.self_attn
@@ -85,6 +90,8 @@ def naive_unroll(draft, head_w, t2d, ids, aux, last, loss_mask, doc, pos, K):
         for b in range(B):
             for i in range(T):
                 tok = ids[b, i + 1 + k] if i + 1 + k < T else torch.tensor(0)
+                if tok_fn is not None and tok_fn(k, b, i) is not None:
+                    tok = tok_fn(k, b, i)
                 x = torch.cat([rms(draft.embed_tokens.weight[tok], m.input_layernorm.weight, eps),
                                rms(hidden[b, i], m.hidden_norm.weight, eps)])
                 p = pos[b, i] + k
@@ -115,14 +122,18 @@ def naive_unroll(draft, head_w, t2d, ids, aux, last, loss_mask, doc, pos, K):
         for b in range(B):
             for i in range(T):
                 p, t = i + 1 + k, i + 2 + k
+                if logits_out is not None:
+                    logits_out[k][(b, i)] = (draft.lm_head.weight @ rms(hidden[b, i], draft.norm.weight, eps)).detach()
                 if t >= T or not loss_mask[b, t] or doc[b, t] != doc[b, i] or doc[b, i] < 0:
                     continue
                 cnt += 1
-                full = head_w @ last[b, p]
+                lh = last_fn(k, b, i) if last_fn is not None else None
+                full = head_w @ (last[b, p] if lh is None else lh)
                 target_p = torch.softmax(full[used], 0)
                 draft_logits = draft.lm_head.weight @ rms(hidden[b, i], draft.norm.weight, eps)
+                wt = weight_fn(k, b, i) if weight_fn is not None else 1.0
                 if t2d[full.argmax()]:
-                    tot = tot - (target_p * torch.log_softmax(draft_logits, 0)).sum()
+                    tot = tot - wt * (target_p * torch.log_softmax(draft_logits, 0)).sum()
                 correct += int(used[draft_logits.argmax()] == full.argmax())
         losses.append(tot / max(cnt, 1))
         corrects.append(correct)
