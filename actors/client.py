@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.protocol import TargetBatch
+from actors.protocol import RelabelRequest, RelabelResult, TargetBatch
 from eagle3.data import Batch
 
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -120,3 +120,58 @@ class FeatureStream:
         s.wire_bytes += out.wire_bytes
         s.target_seconds += out.target_seconds
         s.per_actor[out.actor] = s.per_actor.get(out.actor, 0) + 1
+
+
+@dataclass
+class RelabelStats:
+    """Accounting of relabel requests (draft/target token feedback)."""
+
+    requests: int = 0  # relabel calls sent, resends included
+    resent: int = 0  # calls sent again after their actor failed
+    cache_hits: int = 0  # answers that reused the forward's prefix KV
+    branch_tokens: int = 0  # extra target tokens computed for branches
+    wait_seconds: float = 0.0  # time the trainer blocked waiting for relabels
+    target_seconds: float = 0.0  # actor compute time
+
+
+class RelabelClient:
+    """Sends relabel requests to the actor that computed the batch's forward (its prefix KV is cached there);
+    if that actor died, to another one (which recomputes the prefix). Results are awaited in submission order."""
+
+    def __init__(self, actors: Sequence, max_resends: int = 8) -> None:
+        self.actors, self.max_resends = list(actors), max_resends
+        self.stats = RelabelStats()
+
+    def _actor_index(self, name: str) -> int:
+        # Target actors are named target-<i> by jobs.targets; anything else goes to actor 0.
+        tail = name.rsplit("-", 1)[-1]
+        return int(tail) % len(self.actors) if tail.isdigit() else 0
+
+    def submit(self, tb: TargetBatch, request: RelabelRequest) -> tuple[ray.ObjectRef, int, RelabelRequest]:
+        """Send `request` (branches of `tb`) to the actor that served `tb`; returns a ticket for `result`."""
+        a = self._actor_index(tb.actor)
+        self.stats.requests += 1
+        return self.actors[a].relabel.remote(request), a, request
+
+    def result(self, ticket: tuple[ray.ObjectRef, int, RelabelRequest]) -> RelabelResult:
+        """Block until the relabel is done; resend to the next actor if the one it went to failed."""
+        ref, a, request = ticket
+        t0 = time.perf_counter()
+        for attempt in range(self.max_resends + 1):
+            try:
+                out: RelabelResult = ray.get(ref)
+                break
+            except ACTOR_FAILURES as err:
+                if attempt == self.max_resends:
+                    raise RuntimeError(f"relabel failed {attempt + 1} times; last: {err}") from err
+                self.stats.resent += 1
+                self.stats.requests += 1
+                a = (a + 1) % len(self.actors)
+                time.sleep(min(2.0**attempt, 30.0))  # a lone actor may still be restarting
+                ref = self.actors[a].relabel.remote(request)
+        s = self.stats
+        s.wait_seconds += time.perf_counter() - t0
+        s.target_seconds += out.target_seconds
+        s.cache_hits += int(out.cache_hit)
+        s.branch_tokens += int(out.tokens.numel())
+        return out

@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
+from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
 from eagle3.data import Batch
+from eagle3.feedback import (Branches, DraftSamples, branch_feed, branch_targets, sample_draft_path, select_branches,
+                             survival_weights)
 from eagle3.loss import simulated_accept_length, step_weights
 from eagle3.model import DraftConfig, Eagle3Draft
 from eagle3.target_head import TargetHead
-from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets, ttt_unroll
+from eagle3.ttt import (StepLabels, TokenFeed, TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets,
+                        ttt_unroll)
 from eagle3.vocab import VocabMap
 from jobs.config import JobConfig, OptimConfig
 
@@ -50,12 +53,19 @@ class TTTModule(nn.Module):
         super().__init__()
         self.draft, self.cfg = draft, cfg
 
-    def forward(self, aux_hidden: Tensor, last_teacher, batch: Batch, denominators: Tensor | None) -> TTTOutput:
-        return ttt_unroll(
-            self.draft, aux_hidden, batch.position_ids, batch.doc_ids,
-            data_feed(batch.input_ids), data_targets(last_teacher, batch.loss_mask, batch.doc_ids), self.cfg,
-            denominators,
-        )
+    def forward(self, aux_hidden: Tensor, batch: Batch, feed: TokenFeed, targets: StepLabels,
+                denominators: Tensor | None) -> TTTOutput:
+        return ttt_unroll(self.draft, aux_hidden, batch.position_ids, batch.doc_ids, feed, targets, self.cfg,
+                          denominators)
+
+
+@dataclass
+class BranchPlan:
+    """The fed path chosen for one batch before its relabel is requested (draft/target token feedback)."""
+
+    branches: Branches  # on the trainer device
+    samples: DraftSamples | None  # what the draft sampled ('draft' mode), else None
+    request: RelabelRequest  # what goes to the target actor (CPU tensors)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -78,6 +88,7 @@ class StepResult:
     count_k: list[int]
     grad_norm: float
     lr: float
+    survival_k: list[float] | None = None  # 'draft' mode: mean greedy survival of the fed chain at each step
 
 
 class Learner:
@@ -109,13 +120,55 @@ class Learner:
         dist.all_reduce(counts)
         return (counts / dist.get_world_size()).to(self.device)
 
-    def step(self, tb: TargetBatch, weight: float = 1.0) -> StepResult:
-        """One optimizer step on a target batch; `weight`=0 contributes no gradient (uneven DDP shards)."""
+    def plan_branches(self, tb: TargetBatch, step: int) -> BranchPlan | None:
+        """Choose the branch queries of `tb` and, in 'draft' mode, sample their tokens with the current weights.
+
+        Seeded by (optim.seed, step), so a run is reproducible. None in 'data' mode (nothing to relabel)."""
+        t = self.cfg.ttt
+        if not t.uses_branches:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + step)
+        batch = tb.batch
+        br = select_branches(batch.loss_mask, batch.doc_ids, t.branch_fraction, g)
+        samples, tokens = None, None
+        if t.token_feedback == "draft":
+            dev = batch.to(self.device)
+            dbr = Branches(rows=br.rows.to(self.device), cols=br.cols.to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                samples = sample_draft_path(self.draft, tb.aux_hidden.to(self.device, torch.float32), dev.input_ids,
+                                            dev.position_ids, dev.doc_ids, dbr, t.length - 1, t.draft_temperature, g,
+                                            t.attention_kernel)
+            tokens = samples.tokens.cpu()
+        request = RelabelRequest(batch=batch, key=tb.key, rows=br.rows, points=br.points, tokens=tokens,
+                                 length=t.length - 1)
+        return BranchPlan(branches=Branches(rows=br.rows.to(self.device), cols=br.cols.to(self.device)),
+                          samples=samples, request=request)
+
+    def step(self, tb: TargetBatch, weight: float = 1.0, plan: BranchPlan | None = None,
+             relabel: RelabelResult | None = None) -> StepResult:
+        """One optimizer step on a target batch; `weight`=0 contributes no gradient (uneven DDP shards).
+        With a `plan`, steps >= 1 feed the planned branch tokens and are labelled by the target's `relabel`."""
         batch = tb.batch.to(self.device)
         aux = tb.aux_hidden.to(self.device, torch.float32)
         teacher = self.head(tb.last_hidden.to(self.device, torch.float32))
+        survival = None
+        if plan is None:
+            feed, targets = data_feed(batch.input_ids), data_targets(teacher, batch.loss_mask, batch.doc_ids)
+        else:
+            t = self.cfg.ttt
+            br, tokens = plan.branches, relabel.tokens.to(self.device)
+            bteacher = self.head(relabel.last_hidden.to(self.device, torch.float32))
+            weights = None
+            if plan.samples is not None:
+                greedy = survival_weights(teacher, bteacher, br, plan.samples, greedy=True)
+                survival = greedy.mean(0).tolist() if len(br) else None
+                if t.survival_weights:
+                    weights = greedy if t.draft_temperature == 0 else \
+                        survival_weights(teacher, bteacher, br, plan.samples, greedy=False)
+            feed = branch_feed(batch.input_ids, br, tokens)
+            targets = branch_targets(teacher, bteacher, br, batch.loss_mask, batch.doc_ids, weights)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out: TTTOutput = self.module(aux, teacher, batch, self.global_denominators(batch, weight))
+            out: TTTOutput = self.module(aux, batch, feed, targets, self.global_denominators(batch, weight))
         (out.loss * weight).backward()
         clip = self.cfg.optim.grad_clip
         params = self.draft.trainable_parameters()
@@ -126,7 +179,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(
             loss=float(out.loss.detach()), loss_k=out.loss_k.tolist(), correct_k=out.correct_k.tolist(),
-            count_k=out.count_k.tolist(), grad_norm=float(grad_norm), lr=lr,
+            count_k=out.count_k.tolist(), grad_norm=float(grad_norm), lr=lr, survival_k=survival,
         )
 
 
@@ -206,7 +259,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
     import ray.train
     from ray.train import Checkpoint
 
-    from actors.client import FeatureStream
+    from actors.client import FeatureStream, RelabelClient
     from eagle3.checkpoint import save_train_state
 
     faults = cfg.faults
@@ -222,6 +275,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
         else:
             ray.train.report(metrics)
 
+    relabels = RelabelClient(targets)
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -234,11 +288,11 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
         stream = FeatureStream(targets, [batches[b] for b, _ in shard], depth=cfg.trainer.stream_depth, offset=rank)
         t_stream = t_last = time.perf_counter()
         seen_resent = seen_requests = 0
-        for (b, real), tb in zip(shard, stream):
+        for (b, real), tb, plan, relabel in _with_relabels(learner, relabels, zip(shard, stream), step):
             if rank == 0 and faults.kill_target_at_step and step + 1 == faults.kill_target_at_step:
                 ray.kill(targets[0], no_restart=False)  # drill: in-flight requests must be resent
             w = 1.0 if real else 0.0
-            r = learner.step(tb, weight=w)
+            r = learner.step(tb, weight=w, plan=plan, relabel=relabel)
             step += 1
             # Sum over workers; dummy (zero-weight) steps contribute nothing.
             K = len(r.loss_k)
@@ -268,6 +322,17 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 "trained_tokens": counters["tokens"], "samples_trained": counters["samples"],
                 "stream_resent": counters["resent"], "stream_requests": counters["requests"],
             }
+            if plan is not None:
+                counters["branch_tokens"] = counters.get("branch_tokens", 0) + int(relabel.tokens.numel())
+                rs = relabels.stats
+                metrics.update({
+                    "relabel_tokens_per_token": counters["branch_tokens"] / max(counters["tokens"], 1),
+                    "relabel_wait_frac": rs.wait_seconds / max(now - t_stream, 1e-9),
+                    "relabel_cache_hit_frac": rs.cache_hits / max(rs.requests, 1),
+                    "relabel_resent": rs.resent,
+                })
+                if r.survival_k:
+                    metrics.update({f"survival_{k}": v for k, v in enumerate(r.survival_k)})
             metrics.update({f"loss_{k}": float(loss_k[k]) for k in range(K)})
             metrics.update({f"acc_{k}": float(acc_k[k]) for k in range(K)})
             tracker.log_metrics(metrics, step)
@@ -282,3 +347,26 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
     if bar is not None:
         bar.close()
     report(done=True)
+
+
+def _with_relabels(learner: Learner, client, items, first_step: int):
+    """Yield (shard entry, TargetBatch, BranchPlan | None, RelabelResult | None) in order.
+
+    Token feedback pipelines one batch ahead: batch j's branches are planned (draft tokens sampled) and sent to the
+    target before batch j-1 trains, so the relabel runs while the trainer works. The price is that draft tokens are
+    sampled with weights one optimizer step old. In 'data' mode items pass straight through.
+    """
+    pending = None
+    for j, (entry, tb) in enumerate(items):
+        plan = learner.plan_branches(tb, first_step + j)
+        if plan is None:
+            yield entry, tb, None, None
+            continue
+        ticket = client.submit(tb, plan.request)
+        if pending is not None:
+            e, t, p, tk = pending
+            yield e, t, p, client.result(tk)
+        pending = (entry, tb, plan, ticket)
+    if pending is not None:
+        e, t, p, tk = pending
+        yield e, t, p, client.result(tk)
