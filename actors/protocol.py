@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from eagle3.data import Batch
+from eagle3.data import Batch, DataConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +47,8 @@ class TargetBatch:
     target_seconds: float = 0.0  # time the actor spent computing it
     actor: str = ""  # which actor produced it
     key: int = -1  # identity of this forward on its actor (RelabelRequest.key), -1 = not cached
+    generated_tokens: int = 0  # response tokens the target wrote for this batch (online regeneration), else 0
+    generate_seconds: float = 0.0  # part of target_seconds spent generating them
 
     @property
     def wire_bytes(self) -> int:
@@ -104,6 +106,16 @@ class GenerationParams:
     """Sampling seed (per request: seed + request index keeps runs reproducible)."""
 
 
+@dataclass
+class RegenRequest:
+    """Conversations whose assistant turns the target writes itself (online regeneration, `regenerate`)."""
+
+    conversations: list[list[dict[str, str]]]  # per conversation its system/user turns [{"role", "content"}]
+    sample_ids: list[str]  # one per conversation
+    params: GenerationParams  # sampling settings (seed already made unique to this request)
+    data: DataConfig  # tokenisation of the result: max_length, overlong, pack
+
+
 class TargetBackend(Protocol):
     """What a target actor offers; implemented by `actors.hf_backend.HFTarget` (and the vLLM backend)."""
 
@@ -114,7 +126,11 @@ class TargetBackend(Protocol):
     def forward(self, batch: Batch) -> TargetBatch: ...
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
-        """Response token ids (without the prompt, stopped at EOS or max_new_tokens) for each prompt."""
+        """Response token ids for each prompt: without the prompt, stopped at EOS (not included) or max_new_tokens."""
+        ...
+
+    def regenerate(self, request: RegenRequest) -> TargetBatch:
+        """Write the assistant turns (`actors.regenerate.regenerate_batch` over `generate`), then `forward`."""
         ...
 
     def relabel(self, request: RelabelRequest) -> RelabelResult: ...

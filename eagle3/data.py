@@ -63,6 +63,18 @@ class DataConfig:
     """Stop after this many kept samples; None keeps all."""
     pack: bool = False
     """Pack several samples into each row of max_length tokens (see pack()) instead of padding one per row."""
+    regenerate: bool = False
+    """Online regeneration: the target writes every assistant turn (the dataset's own only build the vocab map)."""
+    regen_conversations: int = 4
+    """Conversations per regeneration request, i.e. per training step of a worker (replaces optim.rows_per_batch)."""
+    regen_max_new_tokens: int = 256
+    """Longest target-written response per assistant turn."""
+    regen_temperature: float = 0.0
+    """Sampling temperature of regenerated responses; 0 = greedy."""
+    regen_top_p: float = 1.0
+    """Nucleus sampling threshold of regenerated responses."""
+    regen_seed: int = 0
+    """Sampling seed; request i samples with regen_seed + i, so runs and resumes are reproducible."""
 
     def __post_init__(self):
         if not isinstance(self.path, str) or Path(self.path).suffix not in (".json", ".jsonl"):
@@ -77,6 +89,16 @@ class DataConfig:
             raise ValueError(f"data.max_samples={self.max_samples!r}: expected None (all) or an int >= 1")
         if not isinstance(self.pack, bool):
             raise ValueError(f"data.pack={self.pack!r}: expected true or false")
+        if not isinstance(self.regenerate, bool):
+            raise ValueError(f"data.regenerate={self.regenerate!r}: expected true or false")
+        if not isinstance(self.regen_conversations, int) or self.regen_conversations < 1:
+            raise ValueError(f"data.regen_conversations={self.regen_conversations!r}: expected an int >= 1")
+        if not isinstance(self.regen_max_new_tokens, int) or self.regen_max_new_tokens < 1:
+            raise ValueError(f"data.regen_max_new_tokens={self.regen_max_new_tokens!r}: expected an int >= 1")
+        if not isinstance(self.regen_temperature, (int, float)) or self.regen_temperature < 0:
+            raise ValueError(f"data.regen_temperature={self.regen_temperature!r}: expected a number >= 0 (0 = greedy)")
+        if not isinstance(self.regen_top_p, (int, float)) or not 0 < self.regen_top_p <= 1:
+            raise ValueError(f"data.regen_top_p={self.regen_top_p!r}: expected a number in (0, 1]")
 
 
 @dataclass(kw_only=True)
