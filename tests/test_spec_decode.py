@@ -1,0 +1,271 @@
+"""Speculative decoding vs independent references: a no-cache one-forward-per-token greedy loop, the draft's own
+full-sequence TTT computation, exact τ of a perfect draft, and sampling statistics of the acceptance rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagle3.attention import TTTKV
+from eagle3.model import DraftConfig, Eagle3Draft
+from eagle3.spec_decode import (
+    BaselineRun,
+    DraftTree,
+    Eagle3Drafter,
+    SpecConfig,
+    accept,
+    evaluate,
+)
+from tests.targets import tiny_target
+
+AUX = (1, 3, 4)
+PROMPTS = [[5, 17, 42, 99, 7, 250, 3], [11, 12, 13, 14], [200, 1, 2, 150, 151, 9, 8, 60, 61]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target("llama", seed=1)
+
+
+def make_draft(target, seed: int = 0, draft_vocab: int = 300) -> Eagle3Draft:
+    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=draft_vocab, aux_layer_ids=AUX)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(cfg, embed_weight=target.get_input_embeddings().weight)
+    if draft_vocab < cfg.vocab_size:  # a non-identity vocabulary map: every third target token
+        used = torch.arange(0, cfg.vocab_size, 3)[:draft_vocab]
+        t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        t2d[used] = True
+        draft.set_vocab_map(used - torch.arange(draft_vocab), t2d)
+    return draft.eval()
+
+
+@torch.no_grad()
+def slow_greedy(target, prompt: list[int], n: int) -> list[int]:
+    """Reference: one full forward per token, no KV cache."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(target(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class OracleSession:
+    """A draft backed by the target itself (no cache): logits = target logits (+ seeded noise, so that drafts are
+    sometimes wrong at varying depths and branches); `noise` is relative to the logits' std."""
+
+    def __init__(self, target, prompt, noise: float) -> None:
+        self.target, self.noise = target, noise
+        self.context = [int(prompt[0])]
+        self.paths: list[list[int]] = []
+
+    @torch.no_grad()
+    def _logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        out = []
+        for s in seqs:
+            logits = self.target(input_ids=torch.tensor([s])).logits[0, -1].float()
+            if self.noise:
+                g = torch.Generator().manual_seed(hash(tuple(s)) % (2**31))
+                logits = logits + self.noise * logits.std() * torch.randn(logits.shape, generator=g)
+            out.append(logits)
+        return torch.stack(out)
+
+    def commit(self, aux_hidden, next_tokens):
+        self.context += next_tokens.tolist()
+        self.paths = []
+        return self._logits([self.context])[0]
+
+    def expand(self, parents, tokens):
+        new = [([] if p < 0 else self.paths[p]) + [int(t)] for p, t in zip(parents.tolist(), tokens.tolist())]
+        self.paths += new
+        return self._logits([self.context + p for p in new])
+
+
+class Oracle:
+    def __init__(self, target, noise: float = 0.0) -> None:
+        self.target, self.noise = target, noise
+
+    def start(self, prompt_ids):
+        return OracleSession(self.target, prompt_ids.tolist(), self.noise)
+
+
+def check_counts(res, cfg: SpecConfig) -> None:
+    assert sum(res.accept_hist) == res.verify_calls
+    assert res.emitted_tokens == sum((n + 1) * c for n, c in enumerate(res.accept_hist))
+    assert res.accepted_per_pos == [sum(res.accept_hist[j + 1:]) for j in range(cfg.max_depth)]
+    assert res.tau == res.emitted_tokens / res.verify_calls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_draft_cache_matches_full_sequence_ttt(target):
+    """Incremental draft (commits in chunks, chain + sibling expansions) == Eagle3Draft.step over the full sequence
+    with the training-time TTT attention (step-0 keys + diagonal keys)."""
+    draft = make_draft(target, draft_vocab=100)
+    torch.manual_seed(3)
+    T = 9
+    toks = torch.randint(0, 300, (T + 3,))
+    aux = torch.randn(T + 1, 3 * 64)
+    a, b, c = 17, 42, 77  # depth-1 siblings a, b below the root; c below a
+
+    def reference(depth1: int, depth2: int | None):
+        kv = TTTKV()
+        pos = torch.arange(T)[None]
+        h0, k, v = draft.step(toks[1:T + 1][None], draft.project(aux[None, :T]), pos, kv)
+        kv.push(k, v)
+        ids1 = toks[2:T + 2].clone()
+        ids1[T - 1] = depth1  # index T-1 embeds the depth-1 token at position T
+        h1, k, v = draft.step(ids1[None], h0, pos + 1, kv)
+        kv.push(k, v)
+        out = [h0[0, -1], h1[0, -1]]
+        if depth2 is not None:
+            ids2 = toks[3:T + 3].clone()
+            ids2[T - 1] = depth2
+            out.append(draft.step(ids2[None], h1, pos + 2, kv)[0][0, -1])
+        return [draft.compute_logits(h).float() for h in out]
+
+    ref_a, ref_b = reference(a, c), reference(b, None)
+    session = Eagle3Drafter(draft).start(toks[:1])
+    session.commit(aux[:4], toks[1:5])
+    root = session.commit(aux[4:T], toks[5:T + 1])  # a second chunk: keys of the first are in the cache
+    used = draft.draft_to_target(torch.arange(100))
+    torch.testing.assert_close(root[used], ref_a[0], rtol=1e-4, atol=1e-5)
+    assert torch.isinf(root).sum() == 300 - 100  # tokens outside the draft vocab are impossible
+    d1 = session.expand(torch.tensor([-1, -1]), torch.tensor([a, b]))
+    torch.testing.assert_close(d1[0, used], ref_a[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d1[1, used], ref_b[1], rtol=1e-4, atol=1e-5)  # b must not see a
+    d2 = session.expand(torch.tensor([0]), torch.tensor([c]))
+    torch.testing.assert_close(d2[0, used], ref_a[2], rtol=1e-4, atol=1e-5)
+    # A new commit drops the speculative nodes: the root equals step 0 over one more position.
+    root2 = session.commit(aux[T:], toks[T + 1:T + 2])
+    h0 = draft.step(toks[1:T + 2][None], draft.project(aux[None]), torch.arange(T + 1)[None], TTTKV())[0]
+    torch.testing.assert_close(root2[used], draft.compute_logits(h0[0, -1]).float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [
+    SpecConfig(method="chain", num_draft_tokens=3, max_new_tokens=14),
+    SpecConfig(method="tree", tree_depth=3, tree_top_k=3, tree_total_tokens=7, max_new_tokens=14),
+], ids=["chain", "tree"])
+def test_outputs_equal_slow_reference(target, cfg):
+    """A noisy oracle draft (partial acceptance at every depth, accepted paths through non-first branches) and a
+    random real draft: outputs equal the no-cache greedy loop, counts are consistent."""
+    refs = [slow_greedy(target, p, cfg.max_new_tokens) for p in PROMPTS]
+    res = evaluate(target, Oracle(target, noise=0.7), PROMPTS, cfg, aux_layer_ids=AUX, baseline=False)
+    assert res.outputs == refs
+    assert res.lossless_checked and res.baseline_seconds is not None
+    check_counts(res, cfg)
+    assert 0 < res.accepted_per_pos[0] < res.verify_calls  # some, not all, accepted: the gather path ran
+    assert 1.2 < res.tau < cfg.max_depth + 1
+    real = evaluate(target, make_draft(target, draft_vocab=100), PROMPTS[:2], cfg, aux_layer_ids=AUX)
+    assert real.outputs == refs[:2]
+    check_counts(real, cfg)
+
+
+def test_perfect_draft_tau(target):
+    """A draft that copies the target's next-token choice: every draft token accepted, τ = K + 1 exactly."""
+    cfg = SpecConfig(method="chain", num_draft_tokens=3, max_new_tokens=12)
+    res = evaluate(target, Oracle(target), PROMPTS, cfg, aux_layer_ids=AUX)
+    assert res.tau == 4.0
+    assert res.accepted_per_pos == [res.verify_calls] * 3 and res.draft_tokens == 3 * res.verify_calls
+    # All 2 + 4 + 4 candidates kept: on this near-uniform random target deeper nodes would lose the reranking.
+    tree = SpecConfig(method="tree", tree_depth=3, tree_top_k=2, tree_total_tokens=10, max_new_tokens=12)
+    assert evaluate(target, Oracle(target), PROMPTS[:1], tree, aux_layer_ids=AUX).tau == 4.0
+
+
+def test_random_draft_tau_near_one(target):
+    cfg = SpecConfig(method="chain", num_draft_tokens=4, max_new_tokens=16)
+    res = evaluate(target, make_draft(target, seed=5), PROMPTS, cfg, aux_layer_ids=AUX)
+    assert 1.0 <= res.tau < 1.1
+    check_counts(res, cfg)
+
+
+def test_sampling_reproducible(target):
+    for cfg in (SpecConfig(method="chain", num_draft_tokens=3, temperature=0.9, max_new_tokens=10, seed=4),
+                SpecConfig(method="tree", tree_depth=2, tree_top_k=2, tree_total_tokens=4, temperature=0.9,
+                           max_new_tokens=10, seed=4)):
+        a = evaluate(target, Oracle(target, noise=1.0), PROMPTS[:2], cfg, aux_layer_ids=AUX, baseline=False)
+        b = evaluate(target, Oracle(target, noise=1.0), PROMPTS[:2], cfg, aux_layer_ids=AUX, baseline=False)
+        assert a.outputs == b.outputs and a.baseline_seconds is None
+        check_counts(a, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speculative sampling: the emitted tokens are distributed as the target's softmax
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token with zero target probability was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree"])
+def test_acceptance_rule_keeps_target_distribution(kind):
+    """First emitted token ~ p(root); given the first draft token was accepted, the second ~ p(that node).
+    V=6 with a draft q far from p; chi-square over 10,000 seeded trials, 5 degrees of freedom (p<1e-3 bound 20.5)."""
+    V, T = 6, 0.7
+    g = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(3, V, generator=g) * 1.5  # rows: root, node 0, node 1
+    p = torch.softmax(target_logits / T, dim=-1)
+    q_logits = torch.randn(V, generator=g) * 2
+    first, second = torch.zeros(V), torch.zeros(V)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10000):
+        if kind == "chain":  # one sampled draft token below the root, one below it
+            q = torch.softmax(q_logits / T, dim=-1)
+            x0 = int(torch.multinomial(q, 1, generator=gen))
+            x1 = int(torch.multinomial(q, 1, generator=gen))
+            tree = DraftTree(tokens=torch.tensor([x0, x1]), parents=[-1, 0], scores=[0.0, 0.0], q=torch.stack([q, q]))
+        else:  # two fixed siblings (top-2 of the draft) under the root
+            tree = DraftTree(tokens=torch.tensor([2, 4]), parents=[-1, -1], scores=[-0.5, -1.0])
+        path, bonus = accept(tree, target_logits, T, gen)
+        emitted = [int(tree.tokens[j]) for j in path] + [bonus]
+        first[emitted[0]] += 1
+        if path[:1] == [0]:  # node 0 accepted: the next token is the target's at node 0 (row 1)
+            second[emitted[1]] += 1
+    assert _chi2(first, p[0]) < 20.5
+    assert second.sum() > 500
+    assert _chi2(second, p[1]) < 20.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs(target):
+    cfg = SpecConfig(method="chain", num_draft_tokens=2, max_new_tokens=4)
+    other = tiny_target("llama", seed=1, vocab_size=320)
+    wrong_vocab = Eagle3Draft(DraftConfig.from_target_config(other.config, draft_vocab_size=100, aux_layer_ids=AUX))
+    with pytest.raises(ValueError, match="vocab size: draft 320, target 300"):
+        evaluate(target, wrong_vocab, PROMPTS, cfg, aux_layer_ids=AUX)
+    draft = make_draft(target)
+    with pytest.raises(ValueError, match="aux layer ids: draft trained on"):
+        evaluate(target, draft, PROMPTS, cfg, aux_layer_ids=(1, 2, 4))
+    foreign = Eagle3Draft(draft.config)  # random embedding, not the target's
+    with pytest.raises(ValueError, match="not the target's embedding table"):
+        evaluate(target, foreign, PROMPTS, cfg, aux_layer_ids=AUX)
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluate(target, draft, [[1, 2], []], cfg, aux_layer_ids=AUX)
+    with pytest.raises(ValueError, match="outside the target vocab"):
+        evaluate(target, draft, [[1, 300]], cfg, aux_layer_ids=AUX)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        evaluate(target, draft, [[1] * 510], cfg, aux_layer_ids=AUX)
+    with pytest.raises(ValueError, match="method="):
+        SpecConfig(method="beam")
+    # The lossless check: a reference that differs at generated position 2 is an error naming prompt and position.
+    good = [slow_greedy(target, p, 4) for p in PROMPTS[:2]]
+    bad = [good[0], good[1][:2] + [(good[1][2] + 1) % 300] + good[1][3:]]
+    with pytest.raises(AssertionError, match="prompt 1 differs .* position 2"):
+        evaluate(target, draft, PROMPTS[:2], cfg, aux_layer_ids=AUX,
+                 baseline=BaselineRun(outputs=bad, seconds=1.0, max_new_tokens=4, temperature=0.0))
