@@ -2,6 +2,10 @@
 
     python benchmarks/pipeline.py --preset smollm2-sharegpt-cpu --steps 30
     python benchmarks/pipeline.py --preset tiny --steps 20
+    python benchmarks/pipeline.py --steps 30 --set ttt.token_feedback=draft --set ttt.branch_fraction=0.25
+
+With token feedback ('draft'/'target') the target side also answers the relabels (extra target tokens per trained
+token are reported) and the trainer side also plans the branches (samples the draft's tokens).
 
 Reports tokens/s of each side alone (each pinned to its own core with one torch thread), online tokens/s of the
 real job (1 target actor + 1 trainer, one thread each), pipeline efficiency = online ÷ min(alone), wire bytes per
@@ -61,15 +65,32 @@ def main() -> None:
     wire = sum(f.wire_bytes for f in feats) / sum(tokens)
     padded = sum(b.input_ids.numel() for b in batches) / sum(tokens)
 
-    # 2. Trainer alone on pre-computed features (core 1).
+    # 2. Trainer alone on pre-computed features (core 1); with token feedback it also plans the branches, and the
+    # target (core 0) answers their relabels, timed on its side.
     pin(1)
     learner = Learner(cfg, draft_config_for(target.info(), cfg.draft.vocab_size), target.frozen_weights(),
                       data.vocab, args.steps, torch.device("cpu"))
-    learner.step(feats[0])  # warm-up
+    plans, relabels, plan_s, relabel_s, branch_tokens = [None] * len(feats), [None] * len(feats), 0.0, 0.0, 0
+    if cfg.ttt.uses_branches:
+        learner.plan_branches(feats[0], 0)  # warm-up
+        for j, f in enumerate(feats):
+            t0 = time.perf_counter()
+            plans[j] = learner.plan_branches(f, j)
+            plan_s += time.perf_counter() - t0
+        pin(0)
+        target.relabel(plans[0].request)  # warm-up
+        for j, pl in enumerate(plans):
+            t0 = time.perf_counter()
+            relabels[j] = target.relabel(pl.request)
+            relabel_s += time.perf_counter() - t0
+            branch_tokens += relabels[j].tokens.numel()
+        target_s += relabel_s
+        pin(1)
+    learner.step(feats[0], plan=plans[0], relabel=relabels[0])  # warm-up
     t0 = time.perf_counter()
-    for f in feats:
-        learner.step(f)
-    trainer_s = time.perf_counter() - t0
+    for f, pl, rl in zip(feats, plans, relabels):
+        learner.step(f, plan=pl, relabel=rl)
+    trainer_s = time.perf_counter() - t0 + plan_s
     del target, learner, feats
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1))) if hasattr(os, "sched_setaffinity") else None
 
@@ -89,14 +110,21 @@ def main() -> None:
         "online_tok_s": round(online_tps, 1), "pipeline_efficiency": round(online_tps / min(target_tps, trainer_tps), 3),
         "wire_bytes_per_token": round(wire, 1), "wire_floor_8h": 8 * h, "padding_factor": round(padded, 3),
         "trainer_wait_frac": round(wait, 3), "ttt_length": cfg.ttt.length, "torch": torch.__version__,
+        "token_feedback": cfg.ttt.token_feedback, "branch_fraction": cfg.ttt.branch_fraction,
+        "relabel_tokens_per_token": round(branch_tokens / sum(tokens), 3),
+        "relabel_s_share_of_target": round(relabel_s / target_s, 3),
+        "plan_s_share_of_trainer": round(plan_s / trainer_s, 3),
+        "relabel_wait_frac": round(summary.get("relabel_wait_frac", 0.0), 3),
     }
     print("\n| metric | value |\n|---|---|")
     for k, v in result.items():
         print(f"| {k} | {v} |")
     res = Path(__file__).parent / "results"
     res.mkdir(exist_ok=True)
-    (res / f"pipeline-{args.preset}.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {res / f'pipeline-{args.preset}.json'}")
+    mode = "" if cfg.ttt.token_feedback == "data" else f"-{cfg.ttt.token_feedback}"
+    path = res / f"pipeline-{args.preset}{mode}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def final_metrics(tracker, cfg: JobConfig) -> dict:
 
     out = {}
     for key in ["loss", "sim_accept_len", "trained_tokens", "samples_trained", "stream_resent", "stream_requests",
-                "target_wait_frac", "wire_bytes_per_token", *[f"acc_{k}" for k in range(cfg.ttt.length)]]:
+                "target_wait_frac", "wire_bytes_per_token", "relabel_tokens_per_token", "relabel_wait_frac",
+                *[f"acc_{k}" for k in range(cfg.ttt.length)]]:
         hist = metric_history(tracker, key)
         if hist:
             out[key] = hist[-1][1]
