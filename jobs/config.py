@@ -48,6 +48,9 @@ class OptimConfig:
     """Passes over the data."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs)."""
+    max_target_tokens: int = 0
+    """Stop once the targets have processed this many tokens (features + relabels + regenerated responses, all
+    workers): an equal-cost budget across feedback modes. 0 = no limit. Pair with min_lr_ratio=1 (constant LR)."""
     rows_per_batch: int = 1
     """Rows per worker batch (each row is one sample, or max_length tokens of packed samples)."""
     seed: int = 0
@@ -58,6 +61,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.max_target_tokens < 0:
+            raise ValueError(f"optim.max_target_tokens must be >= 0, got {self.max_target_tokens}")
         if self.epochs < 1 or self.max_steps < 0 or self.rows_per_batch < 1 or self.warmup_steps < 0:
             raise ValueError("optim.epochs and optim.rows_per_batch must be >= 1; max_steps, warmup_steps >= 0")
 
