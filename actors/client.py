@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.protocol import RelabelRequest, RelabelResult, TargetBatch
+from actors.protocol import RegenRequest, RelabelRequest, RelabelResult, TargetBatch
 from eagle3.data import Batch
 
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -25,7 +25,7 @@ RESTART_TIMEOUT_S = 900  # a restarted target reloads its weights
 class StreamStats:
     """Accounting of one stream (summed into metrics by the train loop)."""
 
-    requests: int = 0  # forward calls sent, resends included
+    requests: int = 0  # forward/regenerate calls sent, resends included
     resent: int = 0  # requests sent again after their actor failed
     batches: int = 0  # batches delivered
     samples: int = 0  # samples delivered
@@ -33,18 +33,24 @@ class StreamStats:
     wire_bytes: int = 0  # bytes of hidden states received
     wait_seconds: float = 0.0  # time the consumer blocked waiting for the target
     target_seconds: float = 0.0  # compute time reported by the actors
+    generated_tokens: int = 0  # response tokens the targets wrote (online regeneration)
+    generate_seconds: float = 0.0  # part of target_seconds spent writing them
     per_actor: dict[str, int] = field(default_factory=dict)  # batches served per actor
 
 
 class FeatureStream:
     """Iterate `TargetBatch`es for `batches`, in order, keeping up to `depth` requests in flight.
 
+    A `Batch` goes to the actors' `forward`; a `RegenRequest` to their `regenerate` (the target writes the
+    responses first; the TargetBatch then carries the Batch it built).
+
     `offset` staggers the actor choice between train workers so that N targets : M trainers spread evenly.
     Backpressure: at most `depth` batches are requested ahead of the consumer.
     """
 
     def __init__(
-        self, actors: Sequence, batches: Sequence[Batch], *, depth: int = 2, offset: int = 0, max_resends: int = 8
+        self, actors: Sequence, batches: Sequence[Batch] | Sequence[RegenRequest], *, depth: int = 2, offset: int = 0,
+        max_resends: int = 8,
     ) -> None:
         if not actors:
             raise ValueError("FeatureStream needs at least one target actor")
@@ -67,7 +73,8 @@ class FeatureStream:
         if a == avoid:
             # The only actor just failed: wait for Ray to restart it instead of burning resends on it.
             self._wait_restarted(a)
-        ref = self.actors[a].forward.remote(self.batches[i])
+        req, actor = self.batches[i], self.actors[a]
+        ref = actor.regenerate.remote(req) if isinstance(req, RegenRequest) else actor.forward.remote(req)
         self._inflight[ref] = (i, a)
         self._load[a] += 1
         self.stats.requests += 1
@@ -119,6 +126,8 @@ class FeatureStream:
         s.tokens += int(out.batch.attention_mask.sum())
         s.wire_bytes += out.wire_bytes
         s.target_seconds += out.target_seconds
+        s.generated_tokens += out.generated_tokens
+        s.generate_seconds += out.generate_seconds
         s.per_actor[out.actor] = s.per_actor.get(out.actor, 0) + 1
 
 

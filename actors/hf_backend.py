@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from actors.models import resolve_model, weights_fingerprint
+from actors.protocol import GenerationParams, RegenRequest
+from actors.regenerate import regenerate_batch, stop_token_ids
 from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
 from eagle3.attention import packed_causal_bias
 from eagle3.data import Batch
@@ -116,6 +118,46 @@ class HFTarget:
         emb = self.model.get_input_embeddings().weight.detach().float().cpu()
         head = self.model.get_output_embeddings().weight.detach().float().cpu()
         return FrozenWeights(embed_tokens=emb, lm_head=head)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
+        """Response ids per prompt, cut before the first stop token (EOS or the chat template's end of turn).
+
+        One left-padded HF `generate` over all prompts; temperature 0 is greedy, else seeded sampling (params.seed
+        on a forked RNG, so the caller's random state is untouched)."""
+        from transformers import GenerationConfig
+
+        if not prompts or not all(prompts):
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        stops = stop_token_ids(self.tokenizer)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), T, dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[b, T - len(p):] = torch.tensor(p)
+            mask[b, T - len(p):] = 1
+        # A fresh config: the model's own generation_config may carry sampling defaults (top_k=50, penalties).
+        sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0} \
+            if params.temperature > 0 else {"do_sample": False}
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                                  **sampling)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=config)
+        replies = out[:, T:].tolist()
+        return [r[: next((k for k, t in enumerate(r) if t in stops), len(r))] for r in replies]
+
+    def regenerate(self, request: RegenRequest) -> TargetBatch:
+        """The target writes the request's assistant turns (`actors.regenerate`), then `forward` on the result."""
+        t0 = time.perf_counter()
+        regen = regenerate_batch(request.conversations, request.sample_ids, self.tokenizer, self.generate,
+                                 request.params, request.data)
+        out = self.forward(regen.batch)
+        out.target_seconds = time.perf_counter() - t0
+        out.generated_tokens, out.generate_seconds = regen.generated_tokens, regen.generate_seconds
+        return out
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> TargetBatch:

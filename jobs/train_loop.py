@@ -227,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     targets, info = config["targets"], config["info"]
-    batches: list[Batch] = ray.get(config["batches"])
+    batches: list = ray.get(config["batches"])  # Batch, or RegenRequest with data.regenerate (same step count)
     vocab: VocabMap = config["vocab"]
     device = ray.train.torch.get_device()
     weights = ray.get(targets[0].frozen_weights.remote())
@@ -298,11 +298,12 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             K = len(r.loss_k)
             vec = torch.tensor([w * x for x in r.loss_k] + [w * x for x in r.correct_k] + [w * x for x in r.count_k]
                                + [w, w * float(tb.batch.attention_mask.sum()), w * tb.wire_bytes,
-                                  w * sum(len(row) for row in tb.batch.sample_ids)], dtype=torch.float64)
+                                  w * sum(len(row) for row in tb.batch.sample_ids),
+                                  w * tb.generated_tokens, w * tb.generate_seconds], dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(vec)
             loss_k, correct_k, count_k = vec[:K] / vec[3 * K].clamp_min(1), vec[K : 2 * K], vec[2 * K : 3 * K]
-            tokens, wire, samples = (float(x) for x in vec[3 * K + 1 :])
+            tokens, wire, samples, generated, generate_s = (float(x) for x in vec[3 * K + 1 :])
             counters["tokens"] += int(tokens)
             counters["wire_bytes"] += int(wire)
             counters["samples"] += int(samples)
@@ -322,6 +323,14 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 "trained_tokens": counters["tokens"], "samples_trained": counters["samples"],
                 "stream_resent": counters["resent"], "stream_requests": counters["requests"],
             }
+            if cfg.data.regenerate:
+                counters["generated_tokens"] = counters.get("generated_tokens", 0) + int(generated)
+                counters["generate_seconds"] = counters.get("generate_seconds", 0.0) + generate_s
+                metrics.update({
+                    "generated_tokens": counters["generated_tokens"],  # target-written response tokens
+                    # per target actor: tokens per second spent in generate (all requests so far)
+                    "generate_tokens_per_s": counters["generated_tokens"] / max(counters["generate_seconds"], 1e-9),
+                })
             if plan is not None:
                 counters["branch_tokens"] = counters.get("branch_tokens", 0) + int(relabel.tokens.numel())
                 rs = relabels.stats
