@@ -426,14 +426,16 @@ class _Target:
         for h in self.handles:
             h.remove()
 
-    def forward(self, ids: Tensor, pos: Tensor | None, mask: Tensor | None, cache,
-                aux: bool) -> tuple[Tensor, Tensor | None]:
-        """(logits [n, V] fp32, aux [n, 3h] or None) for ids [n]; appends to `cache`."""
+    def forward(self, ids: Tensor, pos: Tensor | None, mask: Tensor | None, cache, aux: bool,
+                last_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(logits [n, V] fp32 ([1, V] if last_only), aux [n, 3h] or None) for ids [n]; appends to `cache`."""
         self.capture = aux
         try:
+            # last_only: a prefill needs one row of logits, not [T, V] (the lm_head dominates at 49K vocab).
             out = self.model(input_ids=ids[None].to(self.device),
                              position_ids=None if pos is None else pos[None].to(self.device),
-                             attention_mask=mask, past_key_values=cache, use_cache=True)
+                             attention_mask=mask, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1 if last_only else 0)
         finally:
             self.capture = False
         feats = torch.cat([self.captured[i][0] for i in self.aux_layer_ids], dim=-1) if aux else None
@@ -475,7 +477,7 @@ def target_decode(target, prompts: list[list[int]], *, max_new_tokens: int, temp
     try:
         for prompt in tqdm(prompts, desc="target alone", unit=" prompt", disable=not progress):
             cache = DynamicCache(config=target.config)
-            logits, _ = tgt.forward(torch.tensor(prompt), None, None, cache, aux=False)
+            logits, _ = tgt.forward(torch.tensor(prompt), None, None, cache, aux=False, last_only=True)
             out = [_pick(logits[-1], temperature, gen)]
             while not _finish(out, eos, max_new_tokens)[1]:
                 logits, _ = tgt.forward(torch.tensor(out[-1:]), None, None, cache, aux=False)
@@ -551,7 +553,7 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
         for prompt in tqdm(prompts, desc=f"speculative ({cfg.label()})", unit=" prompt", disable=not progress):
             ids = torch.tensor(prompt)
             cache = DynamicCache(config=target.config)
-            logits, aux = tgt.forward(ids, None, None, cache, aux=True)
+            logits, aux = tgt.forward(ids, None, None, cache, aux=True, last_only=True)
             out = [_pick(logits[-1], cfg.temperature, gen)]
             session = draft.start(ids)
             root_logits = session.commit(aux, torch.tensor(prompt[1:] + out))
