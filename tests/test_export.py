@@ -101,3 +101,60 @@ def test_failed_write_leaves_previous_export(tmp_path, monkeypatch):
         save_draft(trained_like_draft(seed=1), out)
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "sglang", "speculators"])
+def test_every_format_round_trips(tmp_path, fmt):
+    d = trained_like_draft()
+    out = save_draft(d, tmp_path / fmt, fmt=fmt, verifier="/models/target")
+    back = load_draft(out, embed_weight=d.embed_tokens.weight)
+    assert back.config == d.config
+    for (n, a), (m, b) in zip(d.state_dict().items(), back.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    assert export.read_draft_config(out) == (d.config, fmt)
+
+
+def test_speculators_format(tmp_path):
+    """The fields vLLM's speculators loader reads (vllm/transformers_utils/configs/speculators/, vLLM 0.32)."""
+    d = trained_like_draft()
+    c = d.config
+    out = save_draft(d, tmp_path / "s", fmt="speculators", verifier="/models/target", num_speculative_tokens=5)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3"
+    spec = cfg["speculators_config"]
+    assert spec["algorithm"] == "eagle3" and spec["default_proposal_method"] == "greedy"
+    assert spec["proposal_methods"][0]["speculative_tokens"] == 5
+    assert spec["verifier"] == {"name_or_path": "/models/target", "architectures": ["LlamaForCausalLM"]}
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]  # vLLM convention, as trained
+    assert cfg["draft_vocab_size"] == 90 and cfg["target_hidden_size"] == c.hidden_size
+    assert cfg["norm_before_residual"] is False  # vLLM's speculators loader defaults it to True
+    layer = cfg["transformer_layer_config"]
+    assert layer["model_type"] == "llama" and layer["num_hidden_layers"] == 1 and layer["vocab_size"] == 300
+    assert layer["rope_theta"] == 500000.0 and layer["rope_scaling"]["rope_type"] == "llama3"
+    assert layer["rope_parameters"] == c.rope_parameters and layer["max_position_embeddings"] == 512
+    tensors = load_file(str(out / "model.safetensors"))
+    renamed = {n.replace("midlayer.", "layers.0.") for n in ENGINE_KEYS}
+    assert set(tensors) == renamed
+    assert torch.equal(tensors["layers.0.self_attn.q_proj.weight"], d.midlayer.self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="pass verifier="):
+        save_draft(d, tmp_path / "nover", fmt="speculators")
+    with pytest.raises(ValueError, match="unknown export format 'onnx'"):
+        save_draft(d, tmp_path / "x", fmt="onnx")
+    assert not (tmp_path / "nover").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "sglang", "speculators"])
+def test_hand_edited_export_is_rejected(tmp_path, fmt):
+    """A config.json whose engine-facing fields no longer match the trained config fails loudly on load."""
+    out = save_draft(trained_like_draft(), tmp_path / fmt, fmt=fmt, verifier="t")
+    cfg = json.loads((out / "config.json").read_text())
+    if fmt == "speculators":
+        cfg["eagle_aux_hidden_state_layer_ids"] = [3, 3, 2]
+        cfg["transformer_layer_config"]["max_position_embeddings"] = 4096
+    else:
+        cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [3, 3, 2]
+        cfg["max_position_embeddings"] = 4096
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"edited after export: eagle_aux_hidden_state_layer_ids=\[3, 3, 2\] .*"
+                                         r"max_position_embeddings=4096 but the aerie section implies 512"):
+        load_draft(out)
