@@ -117,6 +117,31 @@ class FaultConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Speculative-decoding evaluation of the exported draft at the end of training (jobs/eval.py), on held-back
+    prompts: records of data.path after the ones read for training."""
+
+    enabled: bool = False
+    """Run it after export and log eval/* into the training run."""
+    num_prompts: int = 8
+    """Held-back prompts to decode."""
+    method: Literal["chain", "tree"] = "chain"
+    """Draft shape (see eagle3.spec_decode.SpecConfig)."""
+    num_draft_tokens: int = 5
+    """Chain: draft tokens per verification; tree: the tree depth."""
+    max_new_tokens: int = 32
+    """Tokens generated per prompt (greedy; the output is checked against plain target decoding)."""
+    max_prompt_tokens: int = 512
+    """Longer prompts are skipped."""
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1 or self.num_draft_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.num_prompts, eval.num_draft_tokens and eval.max_new_tokens must be >= 1")
+        if self.method not in ("chain", "tree"):
+            raise ValueError(f"eval.method={self.method!r}: choose chain or tree")
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """One training run."""
 
@@ -134,6 +159,7 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -176,6 +202,7 @@ def smollm2_sharegpt_cpu() -> dict:
         "ttt": {"length": 7},
         "optim": {"lr": 1e-3, "warmup_steps": 10, "rows_per_batch": 2, "epochs": 1},
         "trainer": {"num_workers": 1, "num_threads": 1, "checkpoint_every": 50},
+        "eval": {"enabled": True, "num_prompts": 8, "num_draft_tokens": 5, "max_new_tokens": 32},
     }
 
 

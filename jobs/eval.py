@@ -225,6 +225,33 @@ def log_to_mlflow(tracker, configs, results, report: dict, out_dir: Path) -> Non
     tracker.client.log_artifact(tracker.run_id, str(png), "eval")
 
 
+def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> dict:
+    """The train job's last step (cfg.eval): decode held-back prompts (records of cfg.data.path after the first
+    `skip_records`, which training read) with the exported draft and log eval/* into the training run."""
+    ec = cfg.eval
+    target, tokenizer = load_target(cfg.target.model, cfg.target.dtype)
+    draft = load_draft_for(export_dir, target)
+    try:
+        prompts, counts = load_prompts(cfg.data.path, tokenizer, skip_records=skip_records,
+                                       num_prompts=ec.num_prompts, max_prompt_tokens=ec.max_prompt_tokens,
+                                       on_bad_record="skip")
+    except ValueError as err:  # training used the whole file: report it, don't fail a finished run
+        print(f"[aerie] eval skipped: {err}; use a larger data file or lower data.max_samples", file=sys.stderr)
+        tracker.set_tags({"eval.skipped": str(err)[:500]})
+        return {}
+    spec = SpecConfig(method=ec.method, num_draft_tokens=ec.num_draft_tokens, tree_depth=ec.num_draft_tokens,
+                      max_new_tokens=ec.max_new_tokens)
+    results = run_configs(target, draft, prompts, [spec], eos=eos_ids(target, tokenizer), progress=False)
+    report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": cfg.target.dtype,
+              "prompts": f"{cfg.data.path} (records after the first {skip_records})", "num_prompts": len(prompts),
+              "prompt_counts": counts, "results": [{"config": spec.label(), "spec_config": dataclasses.asdict(spec),
+                                                    **results[0].to_dict()}]}
+    log_to_mlflow(tracker, [spec], results, report, Path(export_dir).parent)
+    print(format_table([spec], results), file=sys.stderr, flush=True)
+    return {"eval_tau": results[0].tau, "eval_speedup": results[0].speedup, "eval_config": spec.label(),
+            "eval_prompts": len(prompts)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points
 

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
         "run": cfg.name, "wall_seconds": round(wall, 1), "export": str(export_dir), "mlflow_uri": cfg.tracking_uri(),
         "mlflow_run_id": tracker.run_id, "samples": data.stats.kept, "batches": len(data.batches), **final,
     }
+    if cfg.eval.enabled:  # real speculative decoding of held-back prompts (records after those trained on)
+        from jobs.eval import eval_after_training
+
+        summary.update(eval_after_training(cfg, export_dir, data.stats.records_seen, tracker))
     plot = plot_ttt_curves(tracker, cfg.ttt.length, cfg.run_dir / "ttt_curves.png")
     tracker.log_artifacts(plot.parent / "export", "draft")
     log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
@@ -150,6 +154,8 @@ def print_summary(s: dict, cfg: JobConfig) -> None:
         f"  final loss     {s.get('loss', float('nan')):.4f}",
         f"  simulated tau  {1 + s.get('sim_accept_len', 0.0):.3f}  (1 + sum_k prod_j<=k acc_j)",
         f"  target resends {int(s.get('stream_resent', 0))} of {int(s.get('stream_requests', 0))} requests",
+        *([f"  eval tau       {s['eval_tau']:.3f}  ({s['eval_config']}, {s['eval_prompts']} held-back prompts, "
+           f"speed-up {s['eval_speedup']:.2f}x)"] if "eval_tau" in s else []),
         f"  export         {s['export']}",
         f"  MLflow         mlflow ui --backend-store-uri {s['mlflow_uri']}   (run {s['mlflow_run_id']})",
     ]
