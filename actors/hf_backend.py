@@ -3,22 +3,28 @@
 The aux layers are captured with forward pre-hooks on the decoder layers (the state ENTERING layer i ==
 HF `hidden_states[i]`), so only three [B, T, h] tensors are kept, never all L hidden states, and the base model
 is called without the lm_head (no [B, T, V] logits on the target side either).
+
+Relabelling (DESIGN.md §4): `forward` keeps the prefix KV cache of each batch in a byte-bounded LRU and returns its
+`key`; `relabel` runs branch tokens over that cached prefix with a tree mask (recomputing the prefix on a miss).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from actors.models import resolve_model, weights_fingerprint
 from actors.protocol import GenerationParams, RegenRequest
 from actors.regenerate import regenerate_batch, stop_token_ids
-from actors.protocol import FrozenWeights, TargetBatch, TargetInfo
+from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
 from eagle3.attention import packed_causal_bias
 from eagle3.data import Batch
 from eagle3.model import default_aux_layer_ids, rope_parameters_of
@@ -50,6 +56,10 @@ class TargetConfig:
     """Extra custom Ray resources per actor, e.g. {"target": 1} to land on target nodes of a cluster."""
     max_restarts: int = 3
     """Ray restarts of a dead target actor before giving up."""
+    relabel_cache_mb: float = 1024.0
+    """Byte budget (MiB) of the LRU of prefix KV caches that `forward` keeps for `relabel`; 0 = keep none."""
+    relabel_chunk_tokens: int = 2048
+    """Branch tokens per relabel forward; bounds the [chunk, prefix + chunk] mask and the activations."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,6 +70,33 @@ class TargetConfig:
             raise ValueError(f"target.num_actors must be >= 1, got {self.num_actors}")
         if self.aux_layer_ids is not None and len(self.aux_layer_ids) != 3:
             raise ValueError(f"target.aux_layer_ids must name 3 layers, got {self.aux_layer_ids}")
+        if self.relabel_cache_mb < 0:
+            raise ValueError(f"target.relabel_cache_mb={self.relabel_cache_mb}: expected >= 0 (0 disables the cache)")
+        if self.relabel_chunk_tokens < 1:
+            raise ValueError(f"target.relabel_chunk_tokens={self.relabel_chunk_tokens}: expected >= 1")
+
+
+@dataclass
+class PrefixKV:
+    """One cached forward (stays inside the actor): its inputs, to check a request against, and its KV."""
+
+    input_ids: Tensor  # [B, T] long, CPU
+    position_ids: Tensor  # [B, T] long, CPU
+    doc_ids: Tensor  # [B, T] long, CPU
+    keys: list[Tensor]  # per layer [B, Hkv, T, hd], target dtype and device
+    values: list[Tensor]  # per layer [B, Hkv, T, hd]
+    last_hidden: Tensor  # [B, T, h] target dtype: the greedy first token is argmax lm_head(last_hidden[row, point])
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        flat = [t for x in tensors for t in (x if isinstance(x, list) else [x])]
+        return sum(t.numel() * t.element_size() for t in flat)
+
+    def matches(self, batch: Batch) -> bool:
+        """Same tokens, positions and packing: a key from another actor (or a restarted one) can't alias."""
+        return all(a.shape == b.shape and torch.equal(a, b.cpu()) for a, b in (
+            (self.input_ids, batch.input_ids), (self.position_ids, batch.position_ids), (self.doc_ids, batch.doc_ids)))
 
 
 def chat_template_id(tokenizer) -> str:
@@ -93,6 +130,13 @@ class HFTarget:
             raise ValueError(f"aux layer ids {bad} are out of range for {cfg.model} with {L} layers (valid 0..{L - 1})")
         self.aux_layer_ids = ids
         self.layers = self.model.model.layers
+        # Our 4D masks are full attention: a sliding window (if any layer has one) must cover every relabel key.
+        types = getattr(text_cfg, "layer_types", None)
+        sliding = any(t != "full_attention" for t in types) if types else True
+        self.sliding_window = getattr(text_cfg, "sliding_window", None) if sliding else None
+        self.prefix_cache: OrderedDict[int, PrefixKV] = OrderedDict()  # LRU: oldest first
+        self.prefix_cache_bytes = 0
+        self._keys = itertools.count()
         self._info = TargetInfo(
             model_id=cfg.model,
             revision=weights_fingerprint(folder),
@@ -163,18 +207,73 @@ class HFTarget:
     def forward(self, batch: Batch) -> TargetBatch:
         """Features for `batch`; aux_hidden [B,T,3h] and last_hidden [B,T,h] in bf16 on CPU."""
         t0 = time.perf_counter()
-        aux, last = self.features(batch.input_ids, batch.position_ids, batch.doc_ids)
+        # use_cache only when caching: keeps the cost of forward unchanged with relabel_cache_mb=0.
+        cache = DynamicCache() if self.cfg.relabel_cache_mb > 0 else None
+        aux, last = self.features(batch.input_ids, batch.position_ids, batch.doc_ids, cache=cache)
+        key = -1 if cache is None else self._cache_put(batch, cache, last)
         return TargetBatch(
             batch=batch,
             aux_hidden=aux.to(torch.bfloat16).cpu(),
             last_hidden=last.to(torch.bfloat16).cpu(),
             target_seconds=time.perf_counter() - t0,
             actor=self.name,
+            key=key,
         )
 
+    @torch.no_grad()
+    def relabel(self, req: RelabelRequest) -> RelabelResult:
+        """The target's last_hidden (after the final norm, bf16, CPU) at each branch token of `req`.
+
+        All branches of a row run in one forward over the row's prefix KV (cached by `forward` under `req.key`, or
+        recomputed from `req.batch` on a miss), chunked to `relabel_chunk_tokens` branch tokens. Greedy mode
+        (`req.tokens` None) makes `length` sequential calls of one token per branch, reusing the branch KV.
+        """
+        t0 = time.perf_counter()
+        tokens, hidden, hit = self.branch_features(req)
+        return RelabelResult(tokens=tokens.cpu(), last_hidden=hidden.to(torch.bfloat16).cpu(),
+                             target_seconds=time.perf_counter() - t0, actor=self.name, cache_hit=hit)
+
     # -- internals -------------------------------------------------------------------------------------------------
-    def features(self, input_ids: Tensor, position_ids: Tensor, doc_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(aux [B,T,3h], last [B,T,h]) in the target dtype, on the target device."""
+    @torch.no_grad()
+    def branch_features(self, req: RelabelRequest) -> tuple[Tensor, Tensor, bool]:
+        """(tokens [N, M], last_hidden [N, M, h] in the target dtype on the target device, cache hit) for `req`."""
+        rows, points, tokens, M = self._check_relabel(req)
+        entry = self.prefix_cache.get(req.key)
+        hit = entry is not None and entry.matches(req.batch)
+        if hit:
+            self.prefix_cache.move_to_end(req.key)
+        N, h = len(rows), self._info.hidden_size
+        out_tokens = torch.zeros(N, M, dtype=torch.long, device=self.device)
+        out_hidden = torch.zeros(N, M, h, dtype=self.dtype, device=self.device)
+        batch = req.batch
+        per_chunk = max(1, self.cfg.relabel_chunk_tokens // M)
+        for r in rows.unique().tolist():
+            idx = (rows == r).nonzero().squeeze(1)
+            idx = idx[points[idx].argsort(stable=True)]  # chunks of nearby points share shorter prefixes
+            end = int(points[idx].max()) + 1  # keys past the last branch point are never needed
+            if hit:
+                keys = [k[r:r + 1, :, :end] for k in entry.keys]
+                values = [v[r:r + 1, :, :end] for v in entry.values]
+                last = entry.last_hidden[r, :end]
+            else:  # recompute this row's prefix only: memory stays one row of KV
+                cache = DynamicCache()
+                _, last = self.features(batch.input_ids[r:r + 1, :end], batch.position_ids[r:r + 1, :end],
+                                        batch.doc_ids[r:r + 1, :end], cache=cache)
+                keys, values = [lay.keys for lay in cache.layers], [lay.values for lay in cache.layers]
+                last = last[0]
+            docs = batch.doc_ids[r, :end].to(self.device)
+            pos = batch.position_ids[r, :end].to(self.device)
+            for c in range(0, len(idx), per_chunk):
+                sel = idx[c:c + per_chunk]
+                toks, hid = self._branches(keys, values, last, docs, pos, points[sel].to(self.device),
+                                           None if tokens is None else tokens[sel].to(self.device), M)
+                sel = sel.to(self.device)
+                out_tokens[sel], out_hidden[sel] = toks, hid
+        return out_tokens, out_hidden, hit
+
+    def features(self, input_ids: Tensor, position_ids: Tensor, doc_ids: Tensor,
+                 cache: DynamicCache | None = None) -> tuple[Tensor, Tensor]:
+        """(aux [B,T,3h], last [B,T,h]) in the target dtype, on the target device; fills `cache` if given."""
         captured: dict[int, Tensor] = {}
 
         def capture(idx):
@@ -191,9 +290,99 @@ class HFTarget:
             docs = doc_ids.to(self.device)
             # One additive mask covers padding and packing alike (samples never see each other).
             mask = packed_causal_bias(docs, self.dtype)
-            out = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+            out = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                   past_key_values=cache, use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
         aux = torch.cat([captured[i] for i in self.aux_layer_ids], dim=-1)
         return aux, out.last_hidden_state
+
+    def _cache_put(self, batch: Batch, cache: DynamicCache, last: Tensor) -> int:
+        """Keep the KV of the batch just forwarded (evicting least recently used entries); its key, or -1."""
+        entry = PrefixKV(input_ids=batch.input_ids.cpu().clone(), position_ids=batch.position_ids.cpu().clone(),
+                         doc_ids=batch.doc_ids.cpu().clone(), keys=[lay.keys for lay in cache.layers],
+                         values=[lay.values for lay in cache.layers], last_hidden=last)
+        budget = int(self.cfg.relabel_cache_mb * 2**20)
+        size = entry.nbytes
+        if size > budget:
+            return -1
+        while self.prefix_cache and self.prefix_cache_bytes + size > budget:
+            self.prefix_cache_bytes -= self.prefix_cache.popitem(last=False)[1].nbytes
+        key = next(self._keys)
+        self.prefix_cache[key] = entry
+        self.prefix_cache_bytes += size
+        return key
+
+    def _check_relabel(self, req: RelabelRequest) -> tuple[Tensor, Tensor, Tensor | None, int]:
+        """(rows [N], points [N], tokens [N, M] or None, M) on CPU, or a ValueError naming the problem."""
+        B, T = req.batch.input_ids.shape
+        rows, points = req.rows.cpu().long(), req.points.cpu().long()
+        if rows.ndim != 1 or rows.shape != points.shape or len(rows) == 0:
+            raise ValueError(f"relabel: rows {tuple(rows.shape)} and points {tuple(points.shape)} must both be [N], "
+                             "N >= 1")
+        if rows.min() < 0 or rows.max() >= B or points.min() < 0 or points.max() >= T:
+            raise ValueError(f"relabel: rows must lie in [0, {B}) and points in [0, {T}) for a [{B}, {T}] batch")
+        if (req.batch.doc_ids[rows, points] < 0).any():
+            raise ValueError("relabel: a branch point lies on padding (doc_ids == -1); branch from real tokens only")
+        M = req.length if req.tokens is None else req.tokens.shape[-1]
+        reach = int(req.batch.position_ids[rows, points].max()) + 1 + M
+        if self.sliding_window is not None and reach > self.sliding_window:
+            raise ValueError(f"relabel: branches reach past the target's sliding window ({self.sliding_window}); "
+                             "the tree mask is full attention, so use shorter rows for this target")
+        if req.tokens is None:
+            if req.length < 1:
+                raise ValueError(f"relabel: greedy mode (tokens=None) needs length >= 1, got {req.length}")
+            return rows, points, None, req.length
+        tokens = req.tokens.cpu().long()
+        V = self._info.vocab_size
+        if tokens.ndim != 2 or tokens.shape[0] != len(rows) or tokens.shape[1] < 1:
+            raise ValueError(f"relabel: tokens {tuple(tokens.shape)} must be [N={len(rows)}, M>=1]")
+        if req.length not in (0, tokens.shape[1]):
+            raise ValueError(f"relabel: length={req.length} contradicts tokens with M={tokens.shape[1]}; "
+                             "leave length 0 when giving tokens")
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise ValueError(f"relabel: branch tokens must be target ids in [0, {V})")
+        return rows, points, tokens, tokens.shape[1]
+
+    def _branches(self, keys: list[Tensor], values: list[Tensor], last: Tensor, docs: Tensor, pos: Tensor,
+                  points: Tensor, tokens: Tensor | None, M: int) -> tuple[Tensor, Tensor]:
+        """Branches of one row: (tokens [n, M], last_hidden [n, M, h]) in the target dtype.
+
+        keys/values [1, Hkv, P, hd] per layer: the row's prefix KV (never modified: the cache copies it);
+        last [P, h], docs/pos [P]: that prefix's final hidden, doc ids, positions; points [n] < P.
+        """
+        n, P = len(points), docs.shape[0]
+        same_doc = docs[None, :] == docs[points][:, None]  # [n, P]
+        lo = int(same_doc.to(torch.uint8).argmax(1).min())  # first key any branch sees: skip earlier samples
+        j = torch.arange(lo, P, device=self.device)
+        sees_prefix = same_doc[:, lo:] & (j[None, :] <= points[:, None])  # [n, P - lo]
+        cache = DynamicCache(ddp_cache_data=[(k[:, :, lo:], v[:, :, lo:]) for k, v in zip(keys, values)])
+        start = pos[points] + 1  # [n]: the branch continues the positions of its own sample
+        eye = torch.eye(n, dtype=torch.bool, device=self.device)
+        if tokens is not None:
+            # One forward, queries branch-major (n, m); a branch token sees its prefix and its own tokens 0..m.
+            tree = torch.kron(eye, torch.ones(M, M, dtype=torch.bool, device=self.device).tril())  # [nM, nM]
+            allowed = torch.cat([sees_prefix.repeat_interleave(M, 0), tree], 1)
+            out = self.model.model(input_ids=tokens.reshape(1, n * M),
+                                   position_ids=(start[:, None] + torch.arange(M, device=self.device)).reshape(1, -1),
+                                   attention_mask=self._bias(allowed), past_key_values=cache, use_cache=True)
+            return tokens, out.last_hidden_state[0].view(n, M, -1)
+        # Greedy: step m feeds one token per branch; keys are the prefix then steps 0..m, step-major.
+        head = self.model.get_output_embeddings()
+        toks = torch.empty(n, M, dtype=torch.long, device=self.device)
+        hidden = torch.empty(n, M, last.shape[-1], dtype=last.dtype, device=self.device)
+        nxt = head(last[points]).argmax(-1)  # the target's argmax at the branch point
+        for m in range(M):
+            allowed = torch.cat([sees_prefix, eye.repeat(1, m + 1)], 1)
+            out = self.model.model(input_ids=nxt[None], position_ids=(start + m)[None],
+                                   attention_mask=self._bias(allowed), past_key_values=cache, use_cache=True)
+            toks[:, m], hidden[:, m] = nxt, out.last_hidden_state[0]
+            if m + 1 < M:
+                nxt = head(hidden[:, m]).argmax(-1)
+        return toks, hidden
+
+    def _bias(self, allowed: Tensor) -> Tensor:
+        """[q, k] bool → additive [1, 1, q, k] float mask (sdpa; eager + bool 4D masks are silently wrong)."""
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return bias.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]
