@@ -10,6 +10,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.hf_backend import HFTarget, TargetConfig
 from actors.protocol import TargetInfo
+from actors.vllm_backend import VLLMTarget
 
 START_TIMEOUT_S = 900  # converting a large checkpoint on first use can take minutes
 
@@ -44,7 +45,7 @@ def start_target_actors(cfg: TargetConfig) -> TargetGroup:
             f"could not reserve {cfg.num_actors} target bundle(s) of {bundle} within {START_TIMEOUT_S}s; "
             f"cluster resources: {ray.cluster_resources()}"
         )
-    actor_cls = ray.remote(HFTarget)
+    actor_cls = ray.remote(VLLMTarget if cfg.backend == "vllm" else HFTarget)  # vllm is imported in the actor only
     actors = [
         actor_cls.options(
             name=None, max_restarts=cfg.max_restarts, max_task_retries=0, num_cpus=cfg.cpus_per_actor,
