@@ -170,6 +170,46 @@ def test_outputs_equal_slow_reference(target, cfg):
     check_counts(real, cfg)
 
 
+class Recorder:
+    """Wraps a drafter and records what each session was committed: (aux_hidden, next_tokens) per call."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.commits = inner, []
+
+    def start(self, prompt_ids):
+        session, log = self.inner.start(prompt_ids), []
+        self.commits.append(log)
+
+        class Session:
+            def commit(self, aux_hidden, next_tokens):
+                log.append((aux_hidden.clone(), next_tokens.clone()))
+                return session.commit(aux_hidden, next_tokens)
+
+            def expand(self, parents, tokens):
+                return session.expand(parents, tokens)
+
+        return Session()
+
+
+@torch.no_grad()
+def test_draft_is_fed_the_target_features_of_the_accepted_sequence(target):
+    """Across rounds (tree paths through varying branches) the draft receives exactly (hidden_states[i] for the aux
+    layers at position p, token p+1) for p = 0, 1, ... of the final sequence: the pairing TTT trains on."""
+    cfg = SpecConfig(method="tree", tree_depth=3, tree_top_k=3, tree_total_tokens=7, max_new_tokens=12)
+    rec = Recorder(Oracle(target, noise=0.7))
+    res = evaluate(target, rec, PROMPTS, cfg, aux_layer_ids=AUX, baseline=False)
+    for prompt, out, log in zip(PROMPTS, res.outputs, rec.commits):
+        seq = torch.tensor(prompt + out)
+        aux = torch.cat([a for a, _ in log])
+        toks = torch.cat([t for _, t in log])
+        n = aux.shape[0]
+        assert n >= len(prompt) + len(out) - 1 - cfg.max_depth  # only the last round's commit is skipped
+        hs = target(input_ids=seq[None], output_hidden_states=True).hidden_states
+        ref = torch.cat([hs[i][0, :n] for i in AUX], dim=-1)
+        torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-5)
+        assert toks.tolist() == seq[1:n + 1].tolist()
+
+
 def test_perfect_draft_tau(target):
     """A draft that copies the target's next-token choice: every draft token accepted, τ = K + 1 exactly."""
     cfg = SpecConfig(method="chain", num_draft_tokens=3, max_new_tokens=12)
