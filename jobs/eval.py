@@ -146,8 +146,9 @@ def slug(cfg: SpecConfig) -> str:
 
 
 def run_configs(target, draft, prompts: list[list[int]], configs: list[SpecConfig], *, eos: list[int],
-                progress: bool = True) -> list[SpecResult]:
-    """Evaluate each config; configs with the same (max_new_tokens, temperature, seed) share one baseline run."""
+                progress: bool = True, on_result=None) -> list[SpecResult]:
+    """Evaluate each config; configs with the same (max_new_tokens, temperature, seed) share one baseline run.
+    `on_result(results so far)` is called after each config (long CPU runs report as they go)."""
     baselines: dict[tuple, Any] = {}
     results = []
     for cfg in configs:
@@ -158,6 +159,8 @@ def run_configs(target, draft, prompts: list[list[int]], configs: list[SpecConfi
                                            progress=progress)
         results.append(evaluate(target, draft, prompts, cfg, aux_layer_ids=draft.config.aux_layer_ids,
                                 eos_token_ids=eos, baseline=baselines[key], progress=progress))
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -313,16 +316,22 @@ def main(argv: list[str] | None = None) -> dict:
                                    on_bad_record=args.on_bad_record)
     print(f"[aerie eval] {len(prompts)} prompts ({sum(map(len, prompts))} tokens; {counts}), "
           f"{len(configs)} configs", file=sys.stderr, flush=True)
-    results = run_configs(target, draft, prompts, configs, eos=eos_ids(target, tokenizer), progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path(args.draft).absolute().parent / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "draft": str(Path(args.draft).absolute()), "target": args.target, "target_dtype": args.target_dtype,
         "prompts": str(Path(args.prompts).absolute()), "num_prompts": len(prompts), "prompt_counts": counts,
-        "threads": torch.get_num_threads(),
-        "results": [{"config": c.label(), "spec_config": dataclasses.asdict(c), **r.to_dict()} for c, r in zip(configs, results)],
+        "threads": torch.get_num_threads(), "results": [],
     }
-    out = Path(args.out) if args.out else Path(args.draft).absolute().parent / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+
+    def save(results: list[SpecResult]) -> None:  # after every config: a partial report survives an interrupt
+        report["results"] = [{"config": c.label(), "spec_config": dataclasses.asdict(c), **r.to_dict()}
+                             for c, r in zip(configs, results)]
+        out.write_text(json.dumps(report, indent=2))
+        print(format_table(configs[len(results) - 1:], results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+
+    results = run_configs(target, draft, prompts, configs, eos=eos_ids(target, tokenizer),
+                          progress=not args.no_progress, on_result=save)
     if tracker is not None:
         log_to_mlflow(tracker, configs, results, report, out.parent)
         if not args.run_id:
