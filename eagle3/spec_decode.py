@@ -186,7 +186,7 @@ class Eagle3Session:
         d = self.draft.compute_logits(hidden).float()  # [n, draft_vocab]
         out = d.new_full((d.shape[0], self.draft.config.vocab_size), float("-inf"))
         out[:, self.drafter.target_ids] = d
-        return out
+        return out.cpu()  # drafting and acceptance run on CPU (CPU generator, tiny tensors)
 
     def _layer(self, ids: Tensor, hidden: Tensor, pos: Tensor, allowed: Tensor) -> Tensor:
         """The draft decoder layer over n new inputs with the cache: ids [n], hidden [n, h], pos [n],
@@ -440,7 +440,7 @@ class _Target:
             self.capture = False
         feats = torch.cat([self.captured[i][0] for i in self.aux_layer_ids], dim=-1) if aux else None
         self.captured.clear()
-        return out.logits[0].float(), feats
+        return out.logits[0].float().cpu(), feats
 
 
 def _keep_cache(cache, keep: Tensor) -> None:
