@@ -137,6 +137,7 @@ class RelabelStats:
 
     requests: int = 0  # relabel calls sent, resends included
     resent: int = 0  # calls sent again after their actor failed
+    answered: int = 0  # relabels received
     cache_hits: int = 0  # answers that reused the forward's prefix KV
     branch_tokens: int = 0  # extra target tokens computed for branches
     wait_seconds: float = 0.0  # time the trainer blocked waiting for relabels
@@ -181,6 +182,7 @@ class RelabelClient:
         s = self.stats
         s.wait_seconds += time.perf_counter() - t0
         s.target_seconds += out.target_seconds
+        s.answered += 1
         s.cache_hits += int(out.cache_hit)
         s.branch_tokens += int(out.tokens.numel())
         return out

@@ -138,6 +138,7 @@ def final_metrics(tracker, cfg: JobConfig) -> dict:
     out = {}
     for key in ["loss", "sim_accept_len", "trained_tokens", "samples_trained", "stream_resent", "stream_requests",
                 "target_wait_frac", "wire_bytes_per_token", "relabel_tokens_per_token", "relabel_wait_frac",
+                "target_tokens", "generated_tokens",
                 *[f"acc_{k}" for k in range(cfg.ttt.length)]]:
         hist = metric_history(tracker, key)
         if hist:

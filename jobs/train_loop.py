@@ -299,11 +299,12 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             vec = torch.tensor([w * x for x in r.loss_k] + [w * x for x in r.correct_k] + [w * x for x in r.count_k]
                                + [w, w * float(tb.batch.attention_mask.sum()), w * tb.wire_bytes,
                                   w * sum(len(row) for row in tb.batch.sample_ids),
-                                  w * tb.generated_tokens, w * tb.generate_seconds], dtype=torch.float64)
+                                  w * tb.generated_tokens, w * tb.generate_seconds,
+                                  w * (relabel.tokens.numel() if relabel is not None else 0)], dtype=torch.float64)
             if world > 1:
                 torch.distributed.all_reduce(vec)
             loss_k, correct_k, count_k = vec[:K] / vec[3 * K].clamp_min(1), vec[K : 2 * K], vec[2 * K : 3 * K]
-            tokens, wire, samples, generated, generate_s = (float(x) for x in vec[3 * K + 1 :])
+            tokens, wire, samples, generated, generate_s, branch = (float(x) for x in vec[3 * K + 1 :])
             counters["tokens"] += int(tokens)
             counters["wire_bytes"] += int(wire)
             counters["samples"] += int(samples)
@@ -332,16 +333,19 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                     "generate_tokens_per_s": counters["generated_tokens"] / max(counters["generate_seconds"], 1e-9),
                 })
             if plan is not None:
-                counters["branch_tokens"] = counters.get("branch_tokens", 0) + int(relabel.tokens.numel())
+                counters["branch_tokens"] = counters.get("branch_tokens", 0) + int(branch)
                 rs = relabels.stats
                 metrics.update({
                     "relabel_tokens_per_token": counters["branch_tokens"] / max(counters["tokens"], 1),
                     "relabel_wait_frac": rs.wait_seconds / max(now - t_stream, 1e-9),
-                    "relabel_cache_hit_frac": rs.cache_hits / max(rs.requests, 1),
+                    "relabel_cache_hit_frac": rs.cache_hits / max(rs.answered, 1),
                     "relabel_resent": rs.resent,
                 })
                 if r.survival_k:
                     metrics.update({f"survival_{k}": v for k, v in enumerate(r.survival_k)})
+            # Everything the targets computed: features, relabelled branch tokens, regenerated responses.
+            target_tokens = counters["tokens"] + counters.get("branch_tokens", 0) + counters.get("generated_tokens", 0)
+            metrics["target_tokens"] = target_tokens
             metrics.update({f"loss_{k}": float(loss_k[k]) for k in range(K)})
             metrics.update({f"acc_{k}": float(acc_k[k]) for k in range(K)})
             tracker.log_metrics(metrics, step)
@@ -351,6 +355,9 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             if rank == 0 and faults.crash_worker_at_step == step and not crash_marker.exists():
                 crash_marker.touch()
                 raise RuntimeError(f"fault injection: worker crash at step {step}")
+            if cfg.optim.max_target_tokens and target_tokens >= cfg.optim.max_target_tokens:
+                total = step  # budget spent (the same on every worker: the counts are all-reduced)
+                break
             if step % cfg.trainer.checkpoint_every == 0 and step < total:
                 report(done=False)
     if bar is not None:

@@ -97,8 +97,8 @@ def test_draft_feedback_labels_come_from_the_target_on_the_drafts_path(target):
 
 @pytest.mark.parametrize("mode", [
     ["ttt.token_feedback=draft", "ttt.survival_weights=true", "ttt.draft_temperature=0.7", "ttt.branch_fraction=0.5"],
-    ["ttt.token_feedback=target", "ttt.branch_fraction=0.25"],
-], ids=["draft", "target"])
+    ["ttt.token_feedback=target", "optim.max_target_tokens=3000", "ttt.branch_fraction=0.25"],
+], ids=["draft", "target+budget"])
 def test_feedback_modes_train_through_the_ray_job(ray_local, tmp_path, mode):
     args = ["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", "name=fb", "--set", "optim.max_steps=5",
             "--set", "trainer.checkpoint_every=100"]
@@ -114,7 +114,14 @@ def test_feedback_modes_train_through_the_ray_job(ray_local, tmp_path, mode):
     # Extra target tokens: about fraction * (K-1) per scored token, and scored tokens are a share of all tokens.
     assert 0 < m["relabel_tokens_per_token"] <= frac * (K - 1) + 1e-6
     assert m["relabel_cache_hit_frac"] == 1.0  # one actor: every relabel finds the forward's prefix KV
+    budget = 3000 if "target" in mode[0] else 0
+    spent = [x.value for x in sorted(client.get_metric_history(r.info.run_id, "target_tokens"), key=lambda x: x.step)]
+    if budget:  # stops at the first step whose cumulative target tokens reach the budget
+        assert spent[-1] >= budget and spent[-2] < budget and len(spent) < 5
+        assert s["target_tokens"] == spent[-1]
+    else:
+        assert len(spent) == 5
     for key in ["loss", "relabel_wait_frac", "acc_1"]:
-        assert len(client.get_metric_history(r.info.run_id, key)) == 5, key
+        assert len(client.get_metric_history(r.info.run_id, key)) == len(spent), key
     if "draft" in mode[0]:
         assert "survival_1" in m
