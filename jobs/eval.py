@@ -232,6 +232,8 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
     """The train job's last step (cfg.eval): decode held-back prompts (records of cfg.data.path after the first
     `skip_records`, which training read) with the exported draft and log eval/* into the training run."""
     ec = cfg.eval
+    if cfg.target.num_threads:  # as the target actors ran; two contended threads are far slower than one here
+        torch.set_num_threads(cfg.target.num_threads)
     target, tokenizer = load_target(cfg.target.model, cfg.target.dtype)
     draft = load_draft_for(export_dir, target)
     try:
