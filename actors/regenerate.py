@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import jinja2
+
 from actors.protocol import GenerationParams
 from eagle3.data import Batch, DataConfig, DataError, Sample, collate, pack, tokenize_conversation
 
@@ -57,7 +59,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def prompt_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
     """Token ids of `messages` rendered with the chat template and the assistant generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template rejects this conversation ({e})", "template_error") from e
     # As eagle3.data tokenises the full conversation: the template writes every special token itself.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
