@@ -161,6 +161,12 @@ class JobConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # Cross-section check: a combination the backend cannot serve fails here, not at the first request.
+        if self.target.backend == "vllm" and self.ttt.uses_branches:
+            raise ValueError(f"ttt.token_feedback={self.ttt.token_feedback} needs the target's relabel, which only "
+                             "target.backend=hf offers (a tree mask over a cached prefix); use target.backend=hf")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).absolute() / self.name

@@ -144,3 +144,11 @@ def test_config_validation():
         TTTConfig(token_feedback="draft", branch_fraction=0.0)
     with pytest.raises(ValueError, match="survival_weights"):
         TTTConfig(token_feedback="target", survival_weights=True)
+
+
+def test_token_feedback_needs_the_hf_backend():
+    from jobs.config import load_config
+
+    with pytest.raises(ValueError, match="target.backend=hf"):
+        load_config("tiny", overrides=["target.backend=vllm", "ttt.token_feedback=draft"])
+    assert load_config("tiny", overrides=["target.backend=vllm"]).target.backend == "vllm"
