@@ -1,0 +1,154 @@
+"""Ablation of TTT token feedback at an equal budget of target tokens (SmolLM2-135M-Instruct + ShareGPT, CPU).
+
+    python benchmarks/feedback.py --budget 60000                 # all configs, resumable
+    python benchmarks/feedback.py --budget 60000 --only data,target
+
+Each config trains the `smollm2-sharegpt-cpu` preset through the real Ray job until the target has processed
+`--budget` tokens (features + relabelled branch tokens + regenerated response tokens: `optim.max_target_tokens`),
+with a constant learning rate after warm-up so that runs stopping at different steps stay comparable. Then the
+exported draft is evaluated with Aerie's speculative decoder (chain K=7 and an EAGLE-2 tree, greedy, lossless
+check) on held-out ShareGPT prompts. Writes benchmarks/results/feedback.json (after every config, so an
+interrupted sweep resumes), prints a markdown table and draws benchmarks/results/feedback.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def configs(fraction: float, regen_tokens: int) -> dict[str, list[str]]:
+    """name → --set overrides. K=1 is plain EAGLE training (no TTT unroll, so no feedback either)."""
+    base = {
+        "k1": ["ttt.length=1"],
+        "data": ["ttt.token_feedback=data"],
+        "draft": ["ttt.token_feedback=draft", f"ttt.branch_fraction={fraction}"],
+        "draft_sw": ["ttt.token_feedback=draft", f"ttt.branch_fraction={fraction}", "ttt.survival_weights=true"],
+        "target": ["ttt.token_feedback=target", f"ttt.branch_fraction={fraction}"],
+    }
+    regen = ["data.regenerate=true", f"data.regen_max_new_tokens={regen_tokens}", "data.regen_conversations=4"]
+    out = dict(base)
+    out.update({f"{k}+regen": v + regen for k, v in base.items()})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=int, default=60000, help="target tokens per config")
+    ap.add_argument("--fraction", type=float, default=0.25, help="ttt.branch_fraction of draft/target modes")
+    ap.add_argument("--regen-tokens", type=int, default=192, help="data.regen_max_new_tokens")
+    ap.add_argument("--only", default="", help="comma-separated config names (default: all)")
+    ap.add_argument("--eval-prompts", type=int, default=24)
+    ap.add_argument("--eval-new-tokens", type=int, default=64)
+    ap.add_argument("--eval-skip-records", type=int, default=2000, help="held out: the training reads < 600 records")
+    ap.add_argument("--out", default=str(RESULTS / "feedback.json"))
+    ap.add_argument("--runs", default="runs/feedback-bench")
+    args = ap.parse_args()
+
+    import torch
+
+    from eagle3.data import packaged_sharegpt_path
+    from eagle3.spec_decode import SpecConfig, target_decode
+    from jobs import eval as ev
+    from jobs import train
+
+    all_cfgs = configs(args.fraction, args.regen_tokens)
+    names = [n for n in args.only.split(",") if n] or list(all_cfgs)
+    unknown = sorted(set(names) - set(all_cfgs))
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; choose from {sorted(all_cfgs)}")
+    out_path = Path(args.out)
+    report = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if report and report.get("budget") != args.budget:
+        raise SystemExit(f"{out_path} holds a sweep with budget {report.get('budget')}; use another --out")
+    report.update({"budget": args.budget, "fraction": args.fraction, "regen_max_new_tokens": args.regen_tokens,
+                   "eval_prompts": args.eval_prompts, "eval_new_tokens": args.eval_new_tokens,
+                   "preset": "smollm2-sharegpt-cpu", "torch": torch.__version__})
+    results = report.setdefault("results", {})
+
+    target = tokenizer = prompts = baseline = None
+    spec = [SpecConfig(method="chain", num_draft_tokens=7, max_new_tokens=args.eval_new_tokens),
+            SpecConfig(method="tree", tree_depth=6, tree_top_k=8, tree_total_tokens=48,
+                       max_new_tokens=args.eval_new_tokens)]
+    for name in names:
+        if name in results:
+            print(f"[feedback] {name}: done already, skipping", file=sys.stderr)
+            continue
+        overrides = [f"output_dir={Path(args.runs).absolute()}", f"name=fb-{name.replace('+', '-')}",
+                     f"optim.max_target_tokens={args.budget}", "optim.min_lr_ratio=1.0", "optim.epochs=50",
+                     "trainer.checkpoint_every=100000", "eval.enabled=false", *all_cfgs[name]]
+        t0 = time.perf_counter()
+        s = train.main(["--preset", "smollm2-sharegpt-cpu", *sum([["--set", o] for o in overrides], [])])
+        train_s = time.perf_counter() - t0
+        if target is None:  # one fp32 target + one baseline for every draft (same prompts, same greedy text)
+            target, tokenizer = ev.load_target("builtin:smollm2-135m-instruct", "float32")
+            prompts, _ = ev.load_prompts(packaged_sharegpt_path(), tokenizer, skip_records=args.eval_skip_records,
+                                         num_prompts=args.eval_prompts, max_prompt_tokens=384, on_bad_record="skip")
+            baseline = target_decode(target, prompts, max_new_tokens=args.eval_new_tokens, temperature=0.0,
+                                     eos_token_ids=ev.eos_ids(target, tokenizer), progress=True)
+        draft = ev.load_draft_for(s["export"], target)
+        from eagle3.spec_decode import evaluate
+
+        taus = {}
+        for c in spec:
+            r = evaluate(target, draft, prompts, c, aux_layer_ids=draft.config.aux_layer_ids,
+                         eos_token_ids=ev.eos_ids(target, tokenizer), baseline=baseline, progress=True)
+            taus[ev.slug(c)] = {"tau": r.tau, "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
+        results[name] = {
+            "overrides": all_cfgs[name], "train_seconds": round(train_s, 1), "steps": s.get("steps"),
+            "trained_tokens": s.get("trained_tokens"), "relabel_tokens_per_token": s.get("relabel_tokens_per_token", 0.0),
+            "generated_tokens": s.get("generated_tokens", 0), "sim_accept_len": s.get("sim_accept_len"),
+            "acc_0": s.get("acc_0"), "tau_chain_k7": taus["chain_k7"]["tau"],
+            "tau_tree": taus[ev.slug(spec[1])]["tau"], "eval": taus, "export": s["export"],
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2))
+        print(f"[feedback] {name}: tau chain-7 {results[name]['tau_chain_k7']:.3f}, "
+              f"tree {results[name]['tau_tree']:.3f}", file=sys.stderr)
+
+    print(table(report))
+    plot(report, out_path.with_suffix(".png"))
+    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
+
+
+def table(report: dict) -> str:
+    rows = ["| config | steps | trained tokens | relabel tok / trained tok | generated tokens | final acc_0 | "
+            "τ chain K=7 | τ tree |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in report["results"].items():
+        rows.append(f"| {name} | {r['steps']} | {r['trained_tokens']:.0f} | {r['relabel_tokens_per_token']:.2f} | "
+                    f"{r['generated_tokens']:.0f} | {r['acc_0']:.3f} | {r['tau_chain_k7']:.3f} | {r['tau_tree']:.3f} |")
+    return "\n".join(rows)
+
+
+def plot(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    chain = [report["results"][n]["tau_chain_k7"] for n in names]
+    tree = [report["results"][n]["tau_tree"] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    ax.bar([i - 0.2 for i in x], chain, 0.4, label="chain K=7")
+    ax.bar([i + 0.2 for i in x], tree, 0.4, label="tree (depth 6, top-8, 48 tokens)")
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylim(1.0, max(chain + tree) * 1.05)
+    ax.set_ylabel("acceptance length τ")
+    ax.set_title(f"TTT token feedback at {report['budget']:,} target tokens (SmolLM2-135M, ShareGPT)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
