@@ -43,14 +43,17 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
     """Token ids of chat prompts (chat template, add_generation_prompt=True) from records skip_records.. of `path`.
 
     Prompts longer than max_prompt_tokens are skipped (a budget, not an error); malformed records raise naming the
-    record, or are skipped and counted with on_bad_record='skip'. Returns (prompts, counts)."""
+    record, or are skipped and counted with on_bad_record='skip'. Repeats of an earlier prompt are skipped and
+    counted (ShareGPT splits long chats into records that share their first turn; a repeated prompt would weigh one
+    text several times in τ). Returns (prompts, counts)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found; give a .jsonl/.json of chat messages or ShareGPT")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the target's tokenizer has no chat template; prompts cannot be built")
     prompts: list[list[int]] = []
-    counts = {"records_skipped_by_offset": 0, "too_long": 0, "bad": 0}
+    counts = {"records_skipped_by_offset": 0, "too_long": 0, "bad": 0, "duplicate": 0}
+    distinct: set[tuple[int, ...]] = set()
     seen = 0
     for index, record in iter_records(path):
         if isinstance(record, DataError) and record.reason == "incomplete_tail":
@@ -73,6 +76,10 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
             counts["too_long"] += 1
             continue
+        if tuple(ids) in distinct:
+            counts["duplicate"] += 1
+            continue
+        distinct.add(tuple(ids))
         prompts.append(ids)
         if num_prompts is not None and len(prompts) >= num_prompts:
             break

@@ -75,6 +75,9 @@ def test_load_prompts(tmp_path, tiny):
         load_prompts(bad, tok)
     prompts, counts = load_prompts(bad, tok, on_bad_record="skip")
     assert len(prompts) == 1 and counts["bad"] == 2
+    dup = write_jsonl(tmp_path / "dup.jsonl", [RECORDS[0], RECORDS[1], RECORDS[0]])
+    prompts, counts = load_prompts(dup, tok)
+    assert len(prompts) == 2 and counts["duplicate"] == 1 and prompts[0] != prompts[1]
     only_bad = write_jsonl(tmp_path / "nouser.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
     with pytest.raises(ValueError, match="line 1: no user turn"):
         load_prompts(only_bad, tok)
