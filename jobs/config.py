@@ -212,6 +212,16 @@ def smollm2_sharegpt_cpu() -> dict:
     }
 
 
+def smollm2_sharegpt_cpu_draft() -> dict:
+    """The CPU demo with draft-path token feedback: a quarter of the scored positions feed the draft's own argmax
+    at TTT steps >= 1, relabelled by the target, weighted by greedy chain survival (best tree τ in the
+    equal-budget ablation, BENCHMARKS.md; `data` had the best chain τ)."""
+    cfg = smollm2_sharegpt_cpu()
+    cfg["name"] = "smollm2-sharegpt-cpu-draft"
+    cfg["ttt"] = {**cfg["ttt"], "token_feedback": "draft", "branch_fraction": 0.25, "survival_weights": True}
+    return cfg
+
+
 def llama3_8b_8gpu() -> dict:
     """GPU cluster example: Llama-3.1-8B-Instruct target, 4 target GPUs + 4 trainer GPUs (see cluster/)."""
     return {
@@ -230,6 +240,7 @@ def llama3_8b_8gpu() -> dict:
 PRESETS: dict[str, Callable[[], dict]] = {
     "tiny": tiny,
     "smollm2-sharegpt-cpu": smollm2_sharegpt_cpu,
+    "smollm2-sharegpt-cpu-draft": smollm2_sharegpt_cpu_draft,
     "llama3-8b-8gpu": llama3_8b_8gpu,
 }
 

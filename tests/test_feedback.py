@@ -152,3 +152,11 @@ def test_token_feedback_needs_the_hf_backend():
     with pytest.raises(ValueError, match="target.backend=hf"):
         load_config("tiny", overrides=["target.backend=vllm", "ttt.token_feedback=draft"])
     assert load_config("tiny", overrides=["target.backend=vllm"]).target.backend == "vllm"
+
+
+def test_draft_feedback_preset():
+    from jobs.config import load_config
+
+    cfg = load_config("smollm2-sharegpt-cpu-draft")
+    assert cfg.ttt.token_feedback == "draft" and cfg.ttt.survival_weights and cfg.ttt.branch_fraction == 0.25
+    assert cfg.ttt.length == load_config("smollm2-sharegpt-cpu").ttt.length == 7
