@@ -149,8 +149,9 @@ class JobConfig:
     """Run name: the Ray Train run and the MLflow run; submitting the same name again resumes it."""
     output_dir: str = "runs"
     """Root folder; the run writes <output_dir>/<name>/{export,ray,mlflow.db}."""
-    export_format: Literal["vllm", "sglang"] = "vllm"
-    """Layer-id convention of the exported draft."""
+    export_format: Literal["vllm", "sglang", "speculators"] = "vllm"
+    """Layout of the exported draft: vllm, sglang (layer ids one lower) or vLLM's speculators format (names the
+    target as its verifier and K = ttt.length)."""
     target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig
     draft: DraftSettings = field(default_factory=DraftSettings)

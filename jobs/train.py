@@ -128,7 +128,13 @@ def export_from_checkpoint(cfg: JobConfig, draft_cfg, data, checkpoint) -> Path:
     draft = Eagle3Draft(draft_cfg)
     with checkpoint.as_directory() as d:
         draft.load_state_dict(load_file(str(Path(d) / "draft.safetensors")), strict=False)
-    return save_draft(draft, cfg.run_dir / "export", fmt=cfg.export_format)
+    verifier = None
+    if cfg.export_format == "speculators":
+        from actors.models import resolve_model
+
+        verifier = resolve_model(cfg.target.model)
+    return save_draft(draft, cfg.run_dir / "export", fmt=cfg.export_format, verifier=verifier,
+                      num_speculative_tokens=cfg.ttt.length)
 
 
 def final_metrics(tracker, cfg: JobConfig) -> dict:
