@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from actors.models import resolve_model, weights_fingerprint
 from actors.protocol import GenerationParams, RegenRequest
-from actors.regenerate import regenerate_batch, stop_token_ids
+from actors.regenerate import cut_at_stop, regenerate_features, stop_token_ids
 from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
 from eagle3.attention import packed_causal_bias
 from eagle3.data import Batch
@@ -110,6 +110,23 @@ class PrefixKV:
             (self.input_ids, batch.input_ids), (self.position_ids, batch.position_ids), (self.doc_ids, batch.doc_ids)))
 
 
+def target_info(cfg: TargetConfig, folder, text_cfg, aux_layer_ids: tuple[int, ...], tokenizer) -> TargetInfo:
+    """The TargetInfo of a model folder (the same for every backend that serves it)."""
+    return TargetInfo(
+        model_id=cfg.model,
+        revision=weights_fingerprint(folder),
+        num_layers=text_cfg.num_hidden_layers,
+        hidden_size=text_cfg.hidden_size,
+        vocab_size=text_cfg.vocab_size,
+        aux_layer_ids=aux_layer_ids,
+        dtype=cfg.dtype,
+        rope_parameters=rope_parameters_of(text_cfg),
+        max_position_embeddings=text_cfg.max_position_embeddings,
+        chat_template_id=chat_template_id(tokenizer),
+        hf_config=text_cfg.to_dict(),
+    )
+
+
 def chat_template_id(tokenizer) -> str:
     template = tokenizer.chat_template or ""
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template else "none"
@@ -148,19 +165,7 @@ class HFTarget:
         self.prefix_cache: OrderedDict[int, PrefixKV] = OrderedDict()  # LRU: oldest first
         self.prefix_cache_bytes = 0
         self._keys = itertools.count()
-        self._info = TargetInfo(
-            model_id=cfg.model,
-            revision=weights_fingerprint(folder),
-            num_layers=L,
-            hidden_size=text_cfg.hidden_size,
-            vocab_size=text_cfg.vocab_size,
-            aux_layer_ids=ids,
-            dtype=cfg.dtype,
-            rope_parameters=rope_parameters_of(text_cfg),
-            max_position_embeddings=text_cfg.max_position_embeddings,
-            chat_template_id=chat_template_id(self.tokenizer),
-            hf_config=text_cfg.to_dict(),
-        )
+        self._info = target_info(cfg, folder, text_cfg, ids, self.tokenizer)
 
     # -- API -------------------------------------------------------------------------------------------------------
     def info(self) -> TargetInfo:
@@ -202,17 +207,11 @@ class HFTarget:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       generation_config=config)
         replies = out[:, T:].tolist()
-        return [r[: next((k for k, t in enumerate(r) if t in stops), len(r))] for r in replies]
+        return [cut_at_stop(r, stops) for r in replies]
 
     def regenerate(self, request: RegenRequest) -> TargetBatch:
         """The target writes the request's assistant turns (`actors.regenerate`), then `forward` on the result."""
-        t0 = time.perf_counter()
-        regen = regenerate_batch(request.conversations, request.sample_ids, self.tokenizer, self.generate,
-                                 request.params, request.data)
-        out = self.forward(regen.batch)
-        out.target_seconds = time.perf_counter() - t0
-        out.generated_tokens, out.generate_seconds = regen.generated_tokens, regen.generate_seconds
-        return out
+        return regenerate_features(request, self.tokenizer, self.generate, self.forward)
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> TargetBatch:

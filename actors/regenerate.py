@@ -138,3 +138,20 @@ def regenerate_batch(
     batch = (pack(samples, data.max_length, rows_per_batch=len(samples), pad_token_id=pad)[0] if data.pack
              else collate(samples, pad))
     return Regenerated(batch=batch, generated_tokens=generated, generate_seconds=seconds)
+
+
+def cut_at_stop(reply: list[int], stops) -> list[int]:
+    """The reply up to (not including) its first stop token."""
+    return reply[: next((k for k, t in enumerate(reply) if t in stops), len(reply))]
+
+
+def regenerate_features(request, tokenizer, generate: Callable, forward: Callable):
+    """A backend's `regenerate`: write the request's assistant turns with `generate`, then `forward` the batch;
+    the TargetBatch carries the whole time and the generation counts."""
+    t0 = time.perf_counter()
+    regen = regenerate_batch(request.conversations, request.sample_ids, tokenizer, generate, request.params,
+                             request.data)
+    out = forward(regen.batch)
+    out.target_seconds = time.perf_counter() - t0
+    out.generated_tokens, out.generate_seconds = regen.generated_tokens, regen.generate_seconds
+    return out

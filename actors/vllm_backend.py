@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from actors.hf_backend import TargetConfig, chat_template_id
-from actors.models import resolve_model, weights_fingerprint
+from actors.hf_backend import TargetConfig, target_info
+from actors.models import resolve_model
 from actors.protocol import (FrozenWeights, GenerationParams, RegenRequest, RelabelRequest, RelabelResult,
                              TargetBatch, TargetInfo)
-from actors.regenerate import regenerate_batch, stop_token_ids
+from actors.regenerate import cut_at_stop, regenerate_features, stop_token_ids
 from eagle3.data import Batch
-from eagle3.model import default_aux_layer_ids, rope_parameters_of
+from eagle3.model import default_aux_layer_ids
 
 CONNECTOR_MODULE = "actors.vllm_connector"
 CONNECTOR_CLASS = "InMemoryHiddenStatesConnector"
@@ -62,19 +62,7 @@ class VLLMTarget:
         self.rms_norm_eps = float(text_cfg.rms_norm_eps)
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(folder)
         self.stop_ids = stop_token_ids(tokenizer)
-        self._info = TargetInfo(
-            model_id=cfg.model,
-            revision=weights_fingerprint(folder),
-            num_layers=L,
-            hidden_size=text_cfg.hidden_size,
-            vocab_size=text_cfg.vocab_size,
-            aux_layer_ids=ids,
-            dtype=cfg.dtype,
-            rope_parameters=rope_parameters_of(text_cfg),
-            max_position_embeddings=text_cfg.max_position_embeddings,
-            chat_template_id=chat_template_id(tokenizer),
-            hf_config=text_cfg.to_dict(),
-        )
+        self._info = target_info(cfg, folder, text_cfg, ids, tokenizer)
         self.tie_word_embeddings = bool(getattr(text_cfg, "tie_word_embeddings", False))
         self.norm_weight = _read_tensors(folder, ["norm.weight"])["norm.weight"].float()  # [h]
 
@@ -171,17 +159,11 @@ class VLLMTarget:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
                                     use_tqdm=False)
         replies = [list(o.outputs[0].token_ids) for o in outputs]
-        return [r[: next((k for k, t in enumerate(r) if t in self.stop_ids), len(r))] for r in replies]
+        return [cut_at_stop(r, self.stop_ids) for r in replies]
 
     def regenerate(self, request: RegenRequest) -> TargetBatch:
         """The target writes the request's assistant turns (`actors.regenerate`), then `forward` on the result."""
-        t0 = time.perf_counter()
-        regen = regenerate_batch(request.conversations, request.sample_ids, self.tokenizer, self.generate,
-                                 request.params, request.data)
-        out = self.forward(regen.batch)
-        out.target_seconds = time.perf_counter() - t0
-        out.generated_tokens, out.generate_seconds = regen.generated_tokens, regen.generate_seconds
-        return out
+        return regenerate_features(request, self.tokenizer, self.generate, self.forward)
 
     def relabel(self, request: RelabelRequest) -> RelabelResult:
         raise NotImplementedError(
