@@ -130,10 +130,10 @@ class Learner:
         g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + step)
         batch = tb.batch
         br = select_branches(batch.loss_mask, batch.doc_ids, t.branch_fraction, g)
+        dbr = Branches(rows=br.rows.to(self.device), cols=br.cols.to(self.device))
         samples, tokens = None, None
         if t.token_feedback == "draft":
             dev = batch.to(self.device)
-            dbr = Branches(rows=br.rows.to(self.device), cols=br.cols.to(self.device))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 samples = sample_draft_path(self.draft, tb.aux_hidden.to(self.device, torch.float32), dev.input_ids,
                                             dev.position_ids, dev.doc_ids, dbr, t.length - 1, t.draft_temperature, g,
@@ -141,8 +141,7 @@ class Learner:
             tokens = samples.tokens.cpu()
         request = RelabelRequest(batch=batch, key=tb.key, rows=br.rows, points=br.points, tokens=tokens,
                                  length=t.length - 1)
-        return BranchPlan(branches=Branches(rows=br.rows.to(self.device), cols=br.cols.to(self.device)),
-                          samples=samples, request=request)
+        return BranchPlan(branches=dbr, samples=samples, request=request)
 
     def step(self, tb: TargetBatch, weight: float = 1.0, plan: BranchPlan | None = None,
              relabel: RelabelResult | None = None) -> StepResult:

@@ -26,6 +26,16 @@ def index(br: Branches) -> dict:
     return {(int(b), int(i)): n for n, (b, i) in enumerate(zip(br.rows, br.cols))}
 
 
+def path_logits(draft, ids, aux, last, loss_mask, doc, pos, head_w, br, tokens, M):
+    """The naive loop's draft logits per step and query when branch n is fed tokens[n] at steps >= 1."""
+    at = index(br)
+    logits = [dict() for _ in range(M)]
+    naive_unroll(draft, head_w, draft.t2d, ids, aux, last, loss_mask, doc, pos, M,
+                 tok_fn=lambda k, b, i: tokens[at[(b, i)], k - 1] if k and (b, i) in at else None,
+                 logits_out=logits)
+    return at, logits
+
+
 @pytest.mark.parametrize("with_weights", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 def test_branch_unroll_matches_naive_reference(with_weights, packed):
@@ -66,11 +76,7 @@ def test_greedy_draft_path_is_the_drafts_own_argmax_on_that_path():
     assert s.tokens.shape == (len(br), M) and bool((s.q == 1).all())
     torch.testing.assert_close(s.tokens, s.draft_ids + draft.d2t[s.draft_ids])
     # Feed exactly those tokens in the naive loop: the draft's argmax at step k must be the token fed at k+1.
-    at = index(br)
-    logits = [dict() for _ in range(M)]
-    naive_unroll(draft, head_w, draft.t2d, ids, aux, last, loss_mask, doc, pos, M,
-                 tok_fn=lambda k, b, i: s.tokens[at[(b, i)], k - 1] if k and (b, i) in at else None,
-                 logits_out=logits)
+    at, logits = path_logits(draft, ids, aux, last, loss_mask, doc, pos, head_w, br, s.tokens, M)
     for (b, i), n in at.items():
         for k in range(M):
             assert int(logits[k][(b, i)].argmax()) == int(s.draft_ids[n, k]), (b, i, k)
@@ -83,11 +89,7 @@ def test_sampled_draft_path_probabilities_and_reproducibility():
     s1 = sample_draft_path(draft, aux, ids, pos, doc, br, M, temp, torch.Generator().manual_seed(5))
     s2 = sample_draft_path(draft, aux, ids, pos, doc, br, M, temp, torch.Generator().manual_seed(5))
     assert torch.equal(s1.tokens, s2.tokens)
-    at = index(br)
-    logits = [dict() for _ in range(M)]
-    naive_unroll(draft, head_w, draft.t2d, ids, aux, last, loss_mask, doc, pos, M,
-                 tok_fn=lambda k, b, i: s1.tokens[at[(b, i)], k - 1] if k and (b, i) in at else None,
-                 logits_out=logits)
+    at, logits = path_logits(draft, ids, aux, last, loss_mask, doc, pos, head_w, br, s1.tokens, M)
     for (b, i), n in at.items():
         for k in range(M):
             q = torch.softmax(logits[k][(b, i)] / temp, 0)[s1.draft_ids[n, k]]
