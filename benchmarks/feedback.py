@@ -2,13 +2,16 @@
 
     python benchmarks/feedback.py --budget 60000                 # all configs, resumable
     python benchmarks/feedback.py --budget 60000 --only data,target
+    python benchmarks/feedback.py --budget 60000 --reeval --eval-prompts 24   # re-score every stored export
 
 Each config trains the `smollm2-sharegpt-cpu` preset through the real Ray job until the target has processed
 `--budget` tokens (features + relabelled branch tokens + regenerated response tokens: `optim.max_target_tokens`),
 with a constant learning rate after warm-up so that runs stopping at different steps stay comparable. Then the
 exported draft is evaluated with Aerie's speculative decoder (chain K=7 and an EAGLE-2 tree, greedy, lossless
 check) on held-out ShareGPT prompts. Writes benchmarks/results/feedback.json (after every config, so an
-interrupted sweep resumes), prints a markdown table and draws benchmarks/results/feedback.png.
+interrupted sweep resumes), prints a markdown table and draws benchmarks/results/feedback.png. `--reeval` trains
+nothing: it re-scores every stored export on one eval set (the JSON records which), so that configs run in different
+sessions stay comparable.
 """
 
 from __future__ import annotations
@@ -50,13 +53,12 @@ def main() -> None:
     ap.add_argument("--eval-skip-records", type=int, default=2000, help="held out: the training reads < 600 records")
     ap.add_argument("--out", default=str(RESULTS / "feedback.json"))
     ap.add_argument("--runs", default="runs/feedback-bench")
+    ap.add_argument("--reeval", action="store_true", help="re-score the stored exports (of --only, or all); no training")
     args = ap.parse_args()
 
     import torch
 
-    from eagle3.data import packaged_sharegpt_path
-    from eagle3.spec_decode import SpecConfig, target_decode
-    from jobs import eval as ev
+    from eagle3.spec_decode import SpecConfig
     from jobs import train
 
     all_cfgs = configs(args.fraction, args.regen_tokens)
@@ -73,11 +75,18 @@ def main() -> None:
                    "preset": "smollm2-sharegpt-cpu", "torch": torch.__version__})
     results = report.setdefault("results", {})
 
-    target = tokenizer = prompts = baseline = None
     spec = [SpecConfig(method="chain", num_draft_tokens=7, max_new_tokens=args.eval_new_tokens),
             SpecConfig(method="tree", tree_depth=6, tree_top_k=8, tree_total_tokens=48,
                        max_new_tokens=args.eval_new_tokens)]
-    for name in names:
+    scorer = Scorer(args, spec)
+    if args.reeval:
+        for name in [n for n in names if n in results]:
+            results[name].update(scorer.score(results[name]["export"]))
+            report["eval_set"] = scorer.eval_set
+            save(report, out_path)
+            print(f"[feedback] {name} re-scored: tau chain-7 {results[name]['tau_chain_k7']:.3f}, "
+                  f"tree {results[name]['tau_tree']:.3f}", file=sys.stderr)
+    for name in [] if args.reeval else names:
         if name in results:
             print(f"[feedback] {name}: done already, skipping", file=sys.stderr)
             continue
@@ -87,41 +96,83 @@ def main() -> None:
         t0 = time.perf_counter()
         s = train.main(["--preset", "smollm2-sharegpt-cpu", *sum([["--set", o] for o in overrides], [])])
         train_s = time.perf_counter() - t0
-        if target is None:  # one fp32 target + one baseline for every draft (same prompts, same greedy text)
-            target, tokenizer = ev.load_target("builtin:smollm2-135m-instruct", "float32")
-            prompts, _ = ev.load_prompts(packaged_sharegpt_path(), tokenizer, skip_records=args.eval_skip_records,
-                                         num_prompts=args.eval_prompts, max_prompt_tokens=384, on_bad_record="skip")
-            baseline = target_decode(target, prompts, max_new_tokens=args.eval_new_tokens, temperature=0.0,
-                                     eos_token_ids=ev.eos_ids(target, tokenizer), progress=True)
-        draft = ev.load_draft_for(s["export"], target)
-        from eagle3.spec_decode import evaluate
-
-        taus = {}
-        for c in spec:
-            r = evaluate(target, draft, prompts, c, aux_layer_ids=draft.config.aux_layer_ids,
-                         eos_token_ids=ev.eos_ids(target, tokenizer), baseline=baseline, progress=True)
-            taus[ev.slug(c)] = {"tau": r.tau, "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
         results[name] = {
             "overrides": all_cfgs[name], "train_seconds": round(train_s, 1), "steps": s.get("steps"),
             "trained_tokens": s.get("trained_tokens"), "relabel_tokens_per_token": s.get("relabel_tokens_per_token", 0.0),
             "generated_tokens": s.get("generated_tokens", 0), "sim_accept_len": s.get("sim_accept_len"),
-            "acc_0": s.get("acc_0"), "tau_chain_k7": taus["chain_k7"]["tau"],
-            "tau_tree": taus[ev.slug(spec[1])]["tau"], "eval": taus, "export": s["export"],
+            "acc_0": s.get("acc_0"), "export": s["export"], **scorer.score(s["export"]),
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2))
+        report["eval_set"] = scorer.eval_set
+        save(report, out_path)
         print(f"[feedback] {name}: tau chain-7 {results[name]['tau_chain_k7']:.3f}, "
               f"tree {results[name]['tau_tree']:.3f}", file=sys.stderr)
+    stale = sorted(n for n, r in results.items() if r.get("eval_set") != report.get("eval_set"))
+    if stale:
+        print(f"[feedback] WARNING: {stale} were scored on another eval set; rerun with --reeval", file=sys.stderr)
 
     print(table(report))
     plot(report, out_path.with_suffix(".png"))
     print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
 
 
+class Scorer:
+    """One fp32 target, one prompt set and one plain-decoding baseline for every draft (loaded on first use)."""
+
+    def __init__(self, args, spec):
+        self.args, self.spec = args, spec
+        self.target = self.tokenizer = self.prompts = self.baseline = None
+        self.eval_set: dict = {}
+
+    def _load(self) -> None:
+        from eagle3.data import packaged_sharegpt_path
+        from eagle3.spec_decode import target_decode
+        from jobs import eval as ev
+
+        a = self.args
+        self.target, self.tokenizer = ev.load_target("builtin:smollm2-135m-instruct", "float32")
+        self.prompts, counts = ev.load_prompts(packaged_sharegpt_path(), self.tokenizer,
+                                               skip_records=a.eval_skip_records, num_prompts=a.eval_prompts,
+                                               max_prompt_tokens=384, on_bad_record="skip")
+        self.baseline = target_decode(self.target, self.prompts, max_new_tokens=a.eval_new_tokens, temperature=0.0,
+                                      eos_token_ids=ev.eos_ids(self.target, self.tokenizer), progress=True)
+        self.eval_set = {"prompts": len(self.prompts), "distinct": True, "skip_records": a.eval_skip_records,
+                         "max_new_tokens": a.eval_new_tokens, "duplicates_skipped": counts["duplicate"],
+                         "target_tokens_generated": sum(len(t) for t in self.baseline.outputs)}
+
+    def score(self, export: str) -> dict:
+        from eagle3.spec_decode import evaluate
+        from jobs import eval as ev
+
+        if self.target is None:
+            self._load()
+        draft = ev.load_draft_for(export, self.target)
+        taus = {}
+        for c in self.spec:
+            r = evaluate(self.target, draft, self.prompts, c, aux_layer_ids=draft.config.aux_layer_ids,
+                         eos_token_ids=ev.eos_ids(self.target, self.tokenizer), baseline=self.baseline, progress=True)
+            taus[ev.slug(c)] = {"tau": r.tau, "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
+        return {"tau_chain_k7": taus["chain_k7"]["tau"], "tau_tree": taus[ev.slug(self.spec[1])]["tau"],
+                "eval": taus, "eval_set": dict(self.eval_set)}
+
+
+def save(report: dict, path: Path) -> None:
+    """Atomic write, so an interrupted sweep never leaves a torn JSON behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
+def ordered(report: dict) -> list[tuple[str, dict]]:
+    """Results in the sweep's canonical order (K=1, data, draft, draft_sw, target, then each +regen)."""
+    order = list(configs(report.get("fraction", 0.25), report.get("regen_max_new_tokens", 0)))
+    return sorted(report["results"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
 def table(report: dict) -> str:
     rows = ["| config | steps | trained tokens | relabel tok / trained tok | generated tokens | final acc_0 | "
             "τ chain K=7 | τ tree |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in report["results"].items():
+    for name, r in ordered(report):
         rows.append(f"| {name} | {r['steps']} | {r['trained_tokens']:.0f} | {r['relabel_tokens_per_token']:.2f} | "
                     f"{r['generated_tokens']:.0f} | {r['acc_0']:.3f} | {r['tau_chain_k7']:.3f} | {r['tau_tree']:.3f} |")
     return "\n".join(rows)
@@ -133,7 +184,7 @@ def plot(report: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["results"])
+    names = [n for n, _ in ordered(report)]
     chain = [report["results"][n]["tau_chain_k7"] for n in names]
     tree = [report["results"][n]["tau_tree"] for n in names]
     x = range(len(names))

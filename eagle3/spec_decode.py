@@ -104,15 +104,41 @@ class SpecResult:
     baseline_seconds: float | None  # wall-clock of plain target decoding, same prompts
     speedup: float | None  # baseline_seconds / seconds
     lossless_checked: bool = False  # outputs compared token for token with the target's greedy decoding
+    emitted_per_prompt: list[int] = dataclasses.field(default_factory=list)  # sums to emitted_tokens
+    calls_per_prompt: list[int] = dataclasses.field(default_factory=list)  # sums to verify_calls
+
+    def tau_interval(self, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """Percentile bootstrap interval of the pooled τ over prompts (see `bootstrap_tau`)."""
+        return bootstrap_tau(self.emitted_per_prompt, self.calls_per_prompt, level, resamples, seed)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (with acceptance rate per position, without the outputs' token ids)."""
         d = dataclasses.asdict(self)
+        d["tau_ci95"] = list(self.tau_interval()) if self.calls_per_prompt else None
         d["accept_rate_per_pos"] = [n / max(self.verify_calls, 1) for n in self.accepted_per_pos]
         d["num_prompts"] = len(self.outputs)
         d["output_tokens"] = sum(len(o) for o in self.outputs)
         del d["outputs"]
         return d
+
+
+def bootstrap_tau(emitted: list[int], calls: list[int], level: float = 0.95, resamples: int = 2000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of τ = Σ emitted / Σ calls, resampling whole prompts with replacement.
+
+    Prompts, not verification calls, are the independent units (calls within one text are correlated), so two drafts
+    whose intervals overlap widely were not told apart by that prompt set."""
+    if len(emitted) != len(calls) or not calls:
+        raise ValueError(f"need one (emitted, calls) pair per prompt, got {len(emitted)} and {len(calls)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    e = torch.tensor(emitted, dtype=torch.float64)
+    c = torch.tensor(calls, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(calls), (resamples, len(calls)), generator=gen)
+    taus = e[idx].sum(1) / c[idx].sum(1).clamp_min(1)
+    lo, hi = torch.quantile(taus, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 @dataclass
@@ -548,6 +574,8 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
     accepted_per_pos, accept_hist = [0] * K, [0] * (K + 1)
     emitted = calls = drafted = 0
     outputs: list[list[int]] = []
+    emitted_pp: list[int] = []
+    calls_pp: list[int] = []
     t0 = time.perf_counter()
     try:
         for prompt in tqdm(prompts, desc=f"speculative ({cfg.label()})", unit=" prompt", disable=not progress):
@@ -579,6 +607,8 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
                 if not _finish(out, eos, cfg.max_new_tokens)[1]:
                     root_logits = session.commit(aux[rows], torch.tensor(new))
             outputs.append(_finish(out, eos, cfg.max_new_tokens)[0])
+            emitted_pp.append(emitted - sum(emitted_pp))
+            calls_pp.append(calls - sum(calls_pp))
     finally:
         tgt.close()
     seconds = time.perf_counter() - t0
@@ -601,4 +631,5 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
         tau=emitted / max(calls, 1), emitted_tokens=emitted, verify_calls=calls, draft_tokens=drafted,
         accepted_per_pos=accepted_per_pos, accept_hist=accept_hist, outputs=outputs, seconds=seconds,
         baseline_seconds=base_s, speedup=(base_s / seconds) if base_s else None, lossless_checked=checked,
+        emitted_per_prompt=emitted_pp, calls_per_prompt=calls_pp,
     )

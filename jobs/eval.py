@@ -172,14 +172,15 @@ def run_configs(target, draft, prompts: list[list[int]], configs: list[SpecConfi
 
 
 def format_table(configs: list[SpecConfig], results: list[SpecResult]) -> str:
-    """Plain-text table: τ, acceptance rate per draft position, speed."""
-    head = f"{'config':<22} {'tau':>6} {'calls':>6} {'draft/call':>10} {'spec s':>8} {'target s':>8} {'speedup':>7}" \
+    """Plain-text table: τ (with a 95% bootstrap interval over prompts), acceptance rate per draft position, speed."""
+    head = f"{'config':<22} {'tau':>6} {'tau 95% CI':>13} {'calls':>6} {'draft/call':>10} {'spec s':>8} {'target s':>8} {'speedup':>7}" \
            f"  {'lossless':<8} accept rate per position"
     lines = [head, "-" * len(head)]
     for cfg, r in zip(configs, results):
         rates = " ".join(f"{x:.2f}" for x in r.to_dict()["accept_rate_per_pos"])
+        lo, hi = r.tau_interval()
         lines.append(
-            f"{cfg.label():<22} {r.tau:>6.3f} {r.verify_calls:>6} {r.draft_tokens / max(r.verify_calls, 1):>10.1f} "
+            f"{cfg.label():<22} {r.tau:>6.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} {r.verify_calls:>6} {r.draft_tokens / max(r.verify_calls, 1):>10.1f} "
             f"{r.seconds:>8.1f} {r.baseline_seconds or float('nan'):>8.1f} {r.speedup or float('nan'):>7.2f}  "
             f"{'yes' if r.lossless_checked else 'n/a':<8} {rates}"
         )
@@ -217,6 +218,8 @@ def metrics_of(configs: list[SpecConfig], results: list[SpecResult]) -> dict[str
              **{f"accept_rate_{j}": x for j, x in enumerate(d["accept_rate_per_pos"])}}
         if r.speedup is not None:
             m["speedup"] = r.speedup
+        if d["tau_ci95"] is not None:
+            m["tau_ci95_low"], m["tau_ci95_high"] = d["tau_ci95"]
         out.update({f"eval/{slug(cfg)}/{k}": float(v) for k, v in m.items()})
         if len(configs) == 1:
             out.update({f"eval/{k}": float(v) for k, v in m.items()})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.models import TINY, resolve_model
+from actors.models import TINY
 from eagle3.export import save_draft
 from eagle3.model import DraftConfig, Eagle3Draft
 from jobs import cli
@@ -98,12 +98,14 @@ def test_cli_eval_on_tiny_export(tmp_path, tiny, capsys):
     for r in report["results"]:
         assert r["lossless_checked"] and r["verify_calls"] > 0
         assert r["tau"] == r["emitted_tokens"] / r["verify_calls"]
+        assert r["tau_ci95"][0] <= r["tau"] <= r["tau_ci95"][1] and len(r["calls_per_prompt"]) == 3
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("aerie").experiment_id])[0]
     assert run.data.metrics["eval/chain_k3/tau"] == pytest.approx(report["results"][1]["tau"])
+    assert run.data.metrics["eval/chain_k3/tau_ci95_low"] == pytest.approx(report["results"][1]["tau_ci95"][0])
     assert run.data.metrics["eval/tree_d2_k2_n4/accept_rate_0"] == pytest.approx(
         report["results"][2]["accept_rate_per_pos"][0])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}

@@ -101,6 +101,12 @@ def check_counts(res, cfg: SpecConfig) -> None:
     assert res.emitted_tokens == sum((n + 1) * c for n, c in enumerate(res.accept_hist))
     assert res.accepted_per_pos == [sum(res.accept_hist[j + 1:]) for j in range(cfg.max_depth)]
     assert res.tau == res.emitted_tokens / res.verify_calls
+    assert sum(res.emitted_per_prompt) == res.emitted_tokens and sum(res.calls_per_prompt) == res.verify_calls
+    assert len(res.calls_per_prompt) == len(res.outputs)
+    # The prefill's token is not counted as emitted; the last round may overshoot max_new_tokens / EOS.
+    assert all(e >= len(o) - 1 for e, o in zip(res.emitted_per_prompt, res.outputs))
+    lo, hi = res.tau_interval()
+    assert lo <= res.tau <= hi
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,3 +315,31 @@ def test_bad_inputs(target):
     with pytest.raises(AssertionError, match="prompt 1 differs .* position 2"):
         evaluate(target, draft, PROMPTS[:2], cfg, aux_layer_ids=AUX,
                  baseline=BaselineRun(outputs=bad, seconds=1.0, max_new_tokens=4, temperature=0.0))
+
+
+def test_bootstrap_tau_interval():
+    """Against a naive resampling loop (Python's own RNG, so only the distribution is shared) and two exact cases."""
+    import random
+
+    from eagle3.spec_decode import bootstrap_tau
+
+    assert bootstrap_tau([4, 8, 12], [2, 4, 6]) == (2.0, 2.0)  # every prompt has τ = 2: no spread to find
+    rng = random.Random(1)
+    calls = [rng.randint(5, 40) for _ in range(30)]
+    emitted = [c + rng.randint(0, 2 * c) for c in calls]
+    lo, hi = bootstrap_tau(emitted, calls, resamples=20000)
+    ref = []
+    for _ in range(20000):
+        pick = [rng.randrange(30) for _ in range(30)]
+        ref.append(sum(emitted[i] for i in pick) / sum(calls[i] for i in pick))
+    ref.sort()
+    assert lo == pytest.approx(ref[500], abs=0.02) and hi == pytest.approx(ref[19499], abs=0.02)
+    tau = sum(emitted) / sum(calls)
+    assert lo < tau < hi and hi - lo > 0.1
+    assert bootstrap_tau(emitted, calls, resamples=20000) == (lo, hi)  # seeded
+    wide = bootstrap_tau(emitted[:8], calls[:8], resamples=20000)
+    assert wide[1] - wide[0] > hi - lo  # fewer prompts, wider interval
+    with pytest.raises(ValueError, match="one .emitted, calls. pair per prompt"):
+        bootstrap_tau([1, 2], [1])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_tau([1], [1], level=95)
