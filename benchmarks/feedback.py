@@ -150,8 +150,11 @@ class Scorer:
         for c in self.spec:
             r = evaluate(self.target, draft, self.prompts, c, aux_layer_ids=draft.config.aux_layer_ids,
                          eos_token_ids=ev.eos_ids(self.target, self.tokenizer), baseline=self.baseline, progress=True)
-            taus[ev.slug(c)] = {"tau": r.tau, "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
-        return {"tau_chain_k7": taus["chain_k7"]["tau"], "tau_tree": taus[ev.slug(self.spec[1])]["tau"],
+            taus[ev.slug(c)] = {"tau": r.tau, "tau_ci95": list(r.tau_interval()),
+                                "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
+        tree = taus[ev.slug(self.spec[1])]
+        return {"tau_chain_k7": taus["chain_k7"]["tau"], "tau_tree": tree["tau"],
+                "tau_chain_k7_ci95": taus["chain_k7"]["tau_ci95"], "tau_tree_ci95": tree["tau_ci95"],
                 "eval": taus, "eval_set": dict(self.eval_set)}
 
 
@@ -170,11 +173,17 @@ def ordered(report: dict) -> list[tuple[str, dict]]:
 
 
 def table(report: dict) -> str:
+    """Markdown table; τ with its 95% bootstrap interval over eval prompts where recorded."""
+    def tau(r: dict, key: str) -> str:
+        ci = r.get(f"{key}_ci95")
+        return f"{r[key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
     rows = ["| config | steps | trained tokens | relabel tok / trained tok | generated tokens | final acc_0 | "
-            "τ chain K=7 | τ tree |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "τ chain K=7 [95% CI] | τ tree [95% CI] |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in ordered(report):
-        rows.append(f"| {name} | {r['steps']} | {r['trained_tokens']:.0f} | {r['relabel_tokens_per_token']:.2f} | "
-                    f"{r['generated_tokens']:.0f} | {r['acc_0']:.3f} | {r['tau_chain_k7']:.3f} | {r['tau_tree']:.3f} |")
+        rows.append(f"| {name} | {r['steps']} | {r['trained_tokens']:,.0f} | {r['relabel_tokens_per_token']:.2f} | "
+                    f"{r['generated_tokens']:,.0f} | {r['acc_0']:.3f} | {tau(r, 'tau_chain_k7')} | "
+                    f"{tau(r, 'tau_tree')} |")
     return "\n".join(rows)
 
 
@@ -185,17 +194,27 @@ def plot(report: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n, _ in ordered(report)]
-    chain = [report["results"][n]["tau_chain_k7"] for n in names]
-    tree = [report["results"][n]["tau_tree"] for n in names]
+    res = report["results"]
+
+    def bars(key: str) -> tuple[list[float], list[list[float]] | None]:
+        vals = [res[n][key] for n in names]
+        cis = [res[n].get(f"{key}_ci95") for n in names]
+        if not all(cis):
+            return vals, None
+        return vals, [[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]]
+
+    (chain, chain_err), (tree, tree_err) = bars("tau_chain_k7"), bars("tau_tree")
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
-    ax.bar([i - 0.2 for i in x], chain, 0.4, label="chain K=7")
-    ax.bar([i + 0.2 for i in x], tree, 0.4, label="tree (depth 6, top-8, 48 tokens)")
+    fig, ax = plt.subplots(figsize=(max(7, 1.0 * len(names)), 4.6))
+    ax.bar([i - 0.2 for i in x], chain, 0.4, yerr=chain_err, capsize=3, label="chain K=7")
+    ax.bar([i + 0.2 for i in x], tree, 0.4, yerr=tree_err, capsize=3, label="tree (depth 6, top-8, 48 tokens)")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylim(1.0, max(chain + tree) * 1.05)
+    top = max(v + (e[1][i] if e else 0) for vals, e in ((chain, chain_err), (tree, tree_err)) for i, v in enumerate(vals))
+    ax.set_ylim(1.0, top * 1.05)
     ax.set_ylabel("acceptance length τ")
-    ax.set_title(f"TTT token feedback at {report['budget']:,} target tokens (SmolLM2-135M, ShareGPT)")
-    ax.legend()
+    ax.set_title(f"TTT token feedback at {report['budget']:,} target tokens (SmolLM2-135M, ShareGPT)"
+                 + ("\nerror bars: 95% bootstrap interval over eval prompts" if chain_err else ""), fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
