@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "feedback.json"))
     ap.add_argument("--runs", default="runs/feedback-bench")
     ap.add_argument("--reeval", action="store_true", help="re-score the stored exports (of --only, or all); no training")
+    ap.add_argument("--adopt-finished", action="store_true",
+                    help="score a config's finished run under --runs (summary.json) instead of retraining it, e.g. after "
+                         "the JSON lost its entry; you vouch that it ran this sweep's settings (the budget is checked)")
     args = ap.parse_args()
 
     import torch
@@ -93,11 +97,23 @@ def main() -> None:
         overrides = [f"output_dir={Path(args.runs).absolute()}", f"name=fb-{name.replace('+', '-')}",
                      f"optim.max_target_tokens={args.budget}", "optim.min_lr_ratio=1.0", "optim.epochs=50",
                      "trainer.checkpoint_every=100000", "eval.enabled=false", *all_cfgs[name]]
-        t0 = time.perf_counter()
-        s = train.main(["--preset", "smollm2-sharegpt-cpu", *sum([["--set", o] for o in overrides], [])])
-        train_s = time.perf_counter() - t0
+        run_dir = Path(args.runs) / f"fb-{name.replace('+', '-')}"
+        done = run_dir / "summary.json"
+        if args.adopt_finished and done.exists():
+            s = json.loads(done.read_text())
+            if s.get("target_tokens", 0) < args.budget:
+                raise SystemExit(f"{done}: {s.get('target_tokens')} target tokens < budget {args.budget}; not adoptable")
+            train_s = None  # not timed by this process; the job's own wall_seconds is kept below
+            print(f"[feedback] {name}: adopting the finished run {run_dir}", file=sys.stderr)
+        else:
+            if run_dir.exists():  # an interrupted run: its half-written MLflow DB would break the new one
+                shutil.rmtree(run_dir)
+            t0 = time.perf_counter()
+            s = train.main(["--preset", "smollm2-sharegpt-cpu", *sum([["--set", o] for o in overrides], [])])
+            train_s = round(time.perf_counter() - t0, 1)
         results[name] = {
-            "overrides": all_cfgs[name], "train_seconds": round(train_s, 1), "steps": s.get("steps"),
+            "overrides": all_cfgs[name], "train_seconds": train_s, "job_wall_seconds": s.get("wall_seconds"),
+            "steps": s.get("steps"),
             "trained_tokens": s.get("trained_tokens"), "relabel_tokens_per_token": s.get("relabel_tokens_per_token", 0.0),
             "generated_tokens": s.get("generated_tokens", 0), "sim_accept_len": s.get("sim_accept_len"),
             "acc_0": s.get("acc_0"), "export": s["export"], **scorer.score(s["export"]),

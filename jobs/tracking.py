@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +100,51 @@ class MlflowTracker(NullTracker):
             self._monitor = None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI (None for servers and other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _create_schema(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # runs MLflow's migrations
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create an embedded sqlite store atomically: MLflow's schema migrations run in a side file that is renamed into
+    place only when complete, so a run interrupted in its first seconds cannot leave a half-migrated DB that breaks
+    every later run of that name."""
+    path = sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name every time: MLflow caches stores per URI, and a cached one would skip the migrations.
+    tmp = path.with_name(f".{path.name}.init-{uuid.uuid4().hex[:12]}")
+    try:
+        _create_schema(f"sqlite:///{tmp}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def open_run(uri: str, experiment: str, run_name: str) -> MlflowTracker:
     """Create (or resume, for a resubmitted run name) the MLflow run. Raises at once if `uri` is unreachable."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
     try:
+        ensure_sqlite_store(uri)
+        client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
     except Exception as err:  # noqa: BLE001 - any transport error means: unreachable
+        if db is not None:
+            why = " ".join(str(err).split())[:160]
+            raise RuntimeError(
+                f"the embedded MLflow store {db} cannot be opened ({type(err).__name__}: {why}); it is "
+                f"damaged (e.g. written by an older MLflow, or by a run killed while creating it): move it away (its "
+                f"metrics are lost) or choose another run name / --set tracking.uri=..."
+            ) from err
         raise ConnectionError(
             f"MLflow tracking URI {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); start the server "
             f"or pass --set tracking.uri=... (empty = embedded sqlite store in the run folder)"
