@@ -215,8 +215,8 @@ def smollm2_sharegpt_cpu() -> dict:
 
 def smollm2_sharegpt_cpu_draft() -> dict:
     """The CPU demo with draft-path token feedback: a quarter of the scored positions feed the draft's own argmax
-    at TTT steps >= 1, relabelled by the target, weighted by greedy chain survival (best tree τ in the
-    equal-budget ablation, BENCHMARKS.md; `data` had the best chain τ)."""
+    at TTT steps >= 1, relabelled by the target, weighted by greedy chain survival (the best of the feedback modes
+    in the equal-budget ablation, BENCHMARKS.md; at CPU budgets plain `data` still beats it: relabels cost steps)."""
     cfg = smollm2_sharegpt_cpu()
     cfg["name"] = "smollm2-sharegpt-cpu-draft"
     cfg["ttt"] = {**cfg["ttt"], "token_feedback": "draft", "branch_fraction": 0.25, "survival_weights": True}
