@@ -83,14 +83,15 @@ def main() -> None:
             SpecConfig(method="tree", tree_depth=6, tree_top_k=8, tree_total_tokens=48,
                        max_new_tokens=args.eval_new_tokens)]
     scorer = Scorer(args, spec)
-    if args.reeval:
-        for name in [n for n in names if n in results]:
-            results[name].update(scorer.score(results[name]["export"]))
-            report["eval_set"] = scorer.eval_set
-            save(report, out_path)
-            print(f"[feedback] {name} re-scored: tau chain-7 {results[name]['tau_chain_k7']:.3f}, "
-                  f"tree {results[name]['tau_tree']:.3f}", file=sys.stderr)
-    for name in [] if args.reeval else names:
+    for name in names:
+        if args.reeval:
+            if name in results:
+                results[name].update(scorer.score(results[name]["export"]))
+                report["eval_set"] = scorer.eval_set
+                save(report, out_path)
+                print(f"[feedback] {name} re-scored: tau chain-7 {results[name]['tau_chain_k7']:.3f}, "
+                      f"tree {results[name]['tau_tree']:.3f}", file=sys.stderr)
+            continue
         if name in results:
             print(f"[feedback] {name}: done already, skipping", file=sys.stderr)
             continue
@@ -166,8 +167,8 @@ class Scorer:
         for c in self.spec:
             r = evaluate(self.target, draft, self.prompts, c, aux_layer_ids=draft.config.aux_layer_ids,
                          eos_token_ids=ev.eos_ids(self.target, self.tokenizer), baseline=self.baseline, progress=True)
-            taus[ev.slug(c)] = {"tau": r.tau, "tau_ci95": list(r.tau_interval()),
-                                "accept_rate_per_pos": r.to_dict()["accept_rate_per_pos"]}
+            d = r.to_dict()
+            taus[ev.slug(c)] = {"tau": r.tau, "tau_ci95": d["tau_ci95"], "accept_rate_per_pos": d["accept_rate_per_pos"]}
         tree = taus[ev.slug(self.spec[1])]
         return {"tau_chain_k7": taus["chain_k7"]["tau"], "tau_tree": tree["tau"],
                 "tau_chain_k7_ci95": taus["chain_k7"]["tau_ci95"], "tau_tree_ci95": tree["tau_ci95"],

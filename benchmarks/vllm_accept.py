@@ -139,7 +139,7 @@ def aerie_run(target_dir: Path, draft_dir: Path, prompts: list[list[int]], k: in
     res = evaluate(target, draft, prompts, SpecConfig(method="chain", num_draft_tokens=k, max_new_tokens=max_tokens),
                    aux_layer_ids=draft.config.aux_layer_ids, eos_token_ids=(), baseline=False)
     return {"tau": res.tau, "verify_calls": res.verify_calls, "accepted_per_pos": res.accepted_per_pos,
-            "accept_rate_per_pos": [n / res.verify_calls for n in res.accepted_per_pos]}
+            "accept_rate_per_pos": res.to_dict()["accept_rate_per_pos"]}
 
 
 if __name__ == "__main__":

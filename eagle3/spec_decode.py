@@ -579,6 +579,7 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
     t0 = time.perf_counter()
     try:
         for prompt in tqdm(prompts, desc=f"speculative ({cfg.label()})", unit=" prompt", disable=not progress):
+            emitted_before, calls_before = emitted, calls
             ids = torch.tensor(prompt)
             cache = DynamicCache(config=target.config)
             logits, aux = tgt.forward(ids, None, None, cache, aux=True, last_only=True)
@@ -607,8 +608,8 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
                 if not _finish(out, eos, cfg.max_new_tokens)[1]:
                     root_logits = session.commit(aux[rows], torch.tensor(new))
             outputs.append(_finish(out, eos, cfg.max_new_tokens)[0])
-            emitted_pp.append(emitted - sum(emitted_pp))
-            calls_pp.append(calls - sum(calls_pp))
+            emitted_pp.append(emitted - emitted_before)
+            calls_pp.append(calls - calls_before)
     finally:
         tgt.close()
     seconds = time.perf_counter() - t0

@@ -177,10 +177,11 @@ def format_table(configs: list[SpecConfig], results: list[SpecResult]) -> str:
            f"  {'lossless':<8} accept rate per position"
     lines = [head, "-" * len(head)]
     for cfg, r in zip(configs, results):
-        rates = " ".join(f"{x:.2f}" for x in r.to_dict()["accept_rate_per_pos"])
-        lo, hi = r.tau_interval()
+        d = r.to_dict()
+        rates = " ".join(f"{x:.2f}" for x in d["accept_rate_per_pos"])
+        ci = f"[{d['tau_ci95'][0]:.2f}, {d['tau_ci95'][1]:.2f}]" if d["tau_ci95"] else "-"
         lines.append(
-            f"{cfg.label():<22} {r.tau:>6.3f} {f'[{lo:.2f}, {hi:.2f}]':>13} {r.verify_calls:>6} {r.draft_tokens / max(r.verify_calls, 1):>10.1f} "
+            f"{cfg.label():<22} {r.tau:>6.3f} {ci:>13} {r.verify_calls:>6} {r.draft_tokens / max(r.verify_calls, 1):>10.1f} "
             f"{r.seconds:>8.1f} {r.baseline_seconds or float('nan'):>8.1f} {r.speedup or float('nan'):>7.2f}  "
             f"{'yes' if r.lossless_checked else 'n/a':<8} {rates}"
         )
