@@ -16,8 +16,10 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Len, MinLen
 from torch import Tensor
 from transformers import DynamicCache
 
@@ -36,39 +38,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TargetConfig:
     """The frozen target model and how its actors run."""
 
-    model: str = "builtin:tiny-llama"
+    model: Annotated[str, MinLen(1)] = "builtin:tiny-llama"
     """Built-in name, local HF folder, or .gguf file (see actors.models)."""
-    backend: str = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
     """Engine of the target actors: 'hf' (transformers: everything) or 'vllm' (forward + generate, no relabel)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the target (float32 | bfloat16 | float16); features travel as bf16 regardless."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if the actor has a GPU, else cpu), 'cpu' or 'cuda'."""
-    aux_layer_ids: tuple[int, ...] | None = None
+    aux_layer_ids: Annotated[tuple[Annotated[int, Ge(0)], ...], Len(3, 3)] | None = None
     """HF hidden_states indices of the 3 aux features; None = EAGLE-3 default (2, L//2, L-3)."""
-    num_actors: int = 1
+    num_actors: Annotated[int, Ge(1)] = 1
     """Target actors (one per device or device group)."""
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: Annotated[float, Ge(0)] = 0.0
     """GPUs each target actor reserves (0 on CPU machines)."""
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: Annotated[float, Ge(0)] = 1.0
     """CPUs each target actor reserves."""
-    num_threads: int = 0
+    num_threads: Annotated[int, Ge(0)] = 0
     """torch intra-op threads inside each actor; 0 = torch's default."""
-    resources: dict | None = None
+    resources: dict[str, Annotated[float, Ge(0)]] | None = None
     """Extra custom Ray resources per actor, e.g. {"target": 1} to land on target nodes of a cluster."""
-    max_restarts: int = 3
+    max_restarts: Annotated[int, Ge(0)] = 3
     """Ray restarts of a dead target actor before giving up."""
-    vllm_kv_cache_gib: float = 1.0
+    vllm_kv_cache_gib: Annotated[float, Gt(0)] = 1.0
     """backend=vllm: KV cache per actor in GiB (sequences in flight x their length x layers x 2 x kv heads x hd)."""
     vllm_enforce_eager: bool = True
     """backend=vllm: no torch.compile / CUDA graphs (engine start ~25 s instead of ~85 s on CPU)."""
-    relabel_cache_mb: float = 1024.0
+    relabel_cache_mb: Annotated[float, Ge(0)] = 1024.0
     """Byte budget (MiB) of the LRU of prefix KV caches that `forward` keeps for `relabel`; 0 = keep none."""
-    relabel_chunk_tokens: int = 512
+    relabel_chunk_tokens: Annotated[int, Ge(1)] = 512
     """Branch tokens per relabel forward; bounds the [chunk, prefix + chunk] mask and the activations (the mask is
     dense, so attention work grows with the chunk: 512 measured faster than 2048 for 2x512 rows, M=6)."""
 
     def __post_init__(self) -> None:
+        # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
+        # annotations themselves (types included) when it loads a run.
         if self.dtype not in DTYPES:
             raise ValueError(f"target.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.backend not in ("hf", "vllm"):

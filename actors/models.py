@@ -5,7 +5,7 @@ Specs:
       dequantised once and saved as a plain LlamaForCausalLM (reload ~1 s instead of ~20 s).
   builtin:tiny-llama — a seeded random 6-layer Llama (h=64) with SmolLM2's tokenizer and chat template, for
       tests and the tiny preset (real tokenisation, trivial compute).
-  <folder> — a HF model folder with config.json (+ tokenizer).
+  <folder> — a HF model folder with config.json, a tokenizer and safetensors weights (checked up front).
   <file>.gguf — a GGUF file (converted once into the cache like SmolLM2).
 No hub downloads: everything is local.
 """
@@ -15,15 +15,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
+import struct
 from pathlib import Path
 
-from eagle3.export import atomic_dir
+from eagle3.export import atomic_dir, check_safetensors
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-llama"
 BUILTINS = (SMOLLM2, TINY)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Any of these makes a loadable tokenizer (a fast tokenizer.json, or a slow tokenizer's vocabulary); without one,
+# transformers falls back to a misleading "install sentencepiece or tiktoken".
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def cache_root() -> Path:
@@ -59,9 +64,33 @@ def resolve_model(spec: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
         return _cached(cache_root() / f"gguf-{path.stem}-{digest[:12]}", lambda d: _convert_gguf(path, d))
+    _check_folder(path)
+    return path
+
+
+def _check_folder(path: Path) -> None:
+    """A user's model folder has a config, a tokenizer and complete safetensors weights (headers only: cheap), so a
+    broken one fails here, naming the file, rather than deep inside transformers or on a remote actor."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"target model folder {path} has no config.json (not a HF model folder)")
-    return path
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"target model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+            f"tokenizer files into it, e.g. AutoTokenizer.from_pretrained(<original>).save_pretrained('{path}')"
+        )
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(
+            f"target model folder {path} has no *.safetensors weights; Aerie loads weights with safetensors only: "
+            "re-save the model with save_pretrained (safetensors is its default)"
+        )
+    for name in shards:
+        check_safetensors(path / name, f"the weights of {path} are damaged or incompletely copied: copy or "
+                                       "download the model again")
 
 
 def _cached(folder: Path, build) -> Path:
@@ -84,7 +113,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (struct.error, ValueError, OSError) as e:  # how a cut-off file fails: struct.unpack, numpy reshape
+        raise ValueError(f"{gguf} cannot be loaded as a GGUF model ({e}); a truncated or foreign file fails like "
+                         "this: download or copy it again") from e
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config

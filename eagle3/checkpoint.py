@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from eagle3.export import EXCLUDED_PREFIXES, atomic_dir
+from eagle3.export import EXCLUDED_PREFIXES, atomic_dir, load_safetensors
 from eagle3.model import Eagle3Draft
 
 
@@ -60,15 +60,22 @@ def load_train_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore everything `save_train_state` wrote (in place) and return the caller's `meta`."""
+    """Restore everything `save_train_state` wrote (in place) and return the caller's `meta`.
+
+    Every file is read before anything is restored, so a damaged checkpoint leaves draft and optimizer untouched.
+    """
     d = Path(ckpt_dir)
-    state = json.loads((d / "state.json").read_text())
-    weights = load_file(str(d / "draft.safetensors"))
+    # Checkpoints are written atomically, so a damaged one was cut off or changed afterwards (a copy, a full disk).
+    fix = f"the checkpoint {d} is damaged: delete it to resume from an earlier checkpoint, or start the run over"
+    try:
+        state = json.loads((d / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d / 'state.json'} cannot be read ({e}); {fix}") from e
+    weights, flat, rng = (load_safetensors(d / f"{name}.safetensors", fix) for name in ("draft", "optim", "rng"))
     missing = set(_draft_state(draft)) - set(weights)
     if missing:
         raise ValueError(f"checkpoint {d} lacks draft tensors {sorted(missing)}")
     draft.load_state_dict(weights, strict=False)
-    flat = load_file(str(d / "optim.safetensors"))
     opt_state: dict[int, dict[str, Any]] = {}
     for key, v in flat.items():
         pid, name = key.split(".", 1)
@@ -78,5 +85,23 @@ def load_train_state(
         opt_state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optim_param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(str(d / "rng.safetensors"))["torch"])
+    torch.set_rng_state(rng["torch"])
     return state["meta"]
+
+
+CHECKPOINT_FILES = ("state.json", "draft.safetensors", "optim.safetensors", "rng.safetensors")
+
+
+def verify_train_state(ckpt_dir: str | os.PathLike) -> None:
+    """Raise (naming the file) unless `ckpt_dir` holds a complete checkpoint: state.json parses and every
+    safetensors header covers its whole file. Cheap: no tensor data is read."""
+    from eagle3.export import check_safetensors
+
+    d = Path(ckpt_dir)
+    fix = f"the checkpoint {d} is incomplete or damaged: delete it to resume from an earlier one"
+    try:
+        json.loads((d / "state.json").read_text())["meta"]["step"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{d / 'state.json'} cannot be read ({e}); {fix}") from e
+    for name in CHECKPOINT_FILES[1:]:
+        check_safetensors(d / name, fix)

@@ -7,6 +7,7 @@ assistant content plus the turn's end-of-turn token (``<|im_end|>``, ``<|eot_id|
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
 import json
@@ -15,10 +16,11 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 import torch
+from annotated_types import Ge, Gt, Le
 from tqdm import tqdm
 
 # ShareGPT speaker names seen in the wild → chat-template roles; OpenAI-style records use the same table.
@@ -37,6 +39,17 @@ _SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 _CHUNK = 1 << 20  # characters read at a time from a .json list
 _SEP = re.compile(r"[\s,]*")
 _SKIP_HINT = "or set data.on_bad_record=skip to skip such records"
+_SHAREGPT = '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}'
+_OPENAI = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+_LAYOUTS = f"expected one record per conversation, ShareGPT {_SHAREGPT} or OpenAI {_OPENAI}"
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+_PARQUET = ("Parquet is not supported yet: convert it to JSONL, e.g. "
+            "pandas.read_parquet(path).to_json('data.jsonl', orient='records', lines=True)")
+# First bytes of files that are not JSON text, and what to do with them.
+_MAGIC = {b"PAR1": f"a Parquet file; {_PARQUET}", b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)"}
+_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE starts like UTF-16 LE
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]
 
 
 class DataError(ValueError):
@@ -53,30 +66,32 @@ class DataConfig:
 
     path: str
     """A .jsonl file (one conversation per line) or a .json list; ShareGPT or OpenAI-messages records."""
-    max_length: int = 2048
+    max_length: Annotated[int, Ge(2)] = 2048
     """Most tokens per sample (and per packed row)."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with a conversation longer than max_length: keep its first max_length tokens, or drop it."""
     on_bad_record: Literal["error", "skip"] = "error"
     """Raise on a malformed record, or skip it and count it in DataStats.skipped."""
-    max_samples: int | None = None
+    max_samples: Annotated[int, Ge(1)] | None = None
     """Stop after this many kept samples; None keeps all."""
     pack: bool = False
     """Pack several samples into each row of max_length tokens (see pack()) instead of padding one per row."""
     regenerate: bool = False
     """Online regeneration: the target writes every assistant turn (the dataset's own only build the vocab map)."""
-    regen_conversations: int = 4
+    regen_conversations: Annotated[int, Ge(1)] = 4
     """Conversations per regeneration request, i.e. per training step of a worker (replaces optim.rows_per_batch)."""
-    regen_max_new_tokens: int = 256
+    regen_max_new_tokens: Annotated[int, Ge(1)] = 256
     """Longest target-written response per assistant turn."""
-    regen_temperature: float = 0.0
+    regen_temperature: Annotated[float, Ge(0)] = 0.0
     """Sampling temperature of regenerated responses; 0 = greedy."""
-    regen_top_p: float = 1.0
+    regen_top_p: Annotated[float, Gt(0), Le(1)] = 1.0
     """Nucleus sampling threshold of regenerated responses."""
-    regen_seed: int = 0
+    regen_seed: Annotated[int, Ge(0)] = 0
     """Sampling seed; request i samples with regen_seed + i, so runs and resumes are reproducible."""
 
     def __post_init__(self):
+        # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
+        # annotations themselves (types included) when it loads a run.
         if not isinstance(self.path, str) or Path(self.path).suffix not in (".json", ".jsonl"):
             raise ValueError(f"data.path={self.path!r}: expected a path to a .json or .jsonl file")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -185,32 +200,88 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | DataError]]:
 
     ``record_index`` is 0-based (for .jsonl, the line number - 1). A record that is not a JSON object comes
     as a DataError in place of the dict, so the caller applies its bad-record policy and streaming goes on.
-    A .json list that ends mid-record yields a last DataError with reason "incomplete_tail".
+    A .json list that ends mid-record yields a last DataError with reason "incomplete_tail". A .jsonl line that
+    is not UTF-8 is a "not_utf8" record. A file that is not UTF-8 text (binary, UTF-16, Parquet, ...) is a
+    DataError raised by this call itself, from the file's first bytes; a non-UTF-8 byte anywhere in a .json list
+    is one raised while streaming (a bad record there cannot be skipped).
     """
     path = Path(path)
-    if path.suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif path.suffix == ".json":
-        yield from _iter_json_list(path)
-    else:
+    if path.suffix == ".parquet":
+        raise ValueError(f"{path}: {_PARQUET}")
+    if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: expected a .json or .jsonl file")
+    _check_text(path)
+    return _iter_jsonl(path) if path.suffix == ".jsonl" else _iter_json_list(path)
+
+
+def record_location(path: Path, index: int, record: dict | DataError) -> str:
+    """Where a record from iter_records is, for messages: "record 3 (line 4) id='x'"."""
+    where = f"record {index}" + (f" (line {index + 1})" if path.suffix == ".jsonl" else "")
+    return where + (f" id={record['id']!r}" if isinstance(record, dict) and "id" in record else "")
+
+
+def _json_type(obj: Any) -> str:
+    return _JSON_TYPES.get(type(obj), type(obj).__name__)
+
+
+def _check_text(path: Path) -> None:
+    """Reject a file that is not UTF-8 text from its first bytes, saying what it looks like and what to do."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    what = next((w for magic, w in _MAGIC.items() if head.startswith(magic)), None)
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if what is None and encoding is not None:
+        what = (f"{encoding} text, not UTF-8; re-save it as UTF-8, e.g. "
+                f"iconv -f {encoding} -t UTF-8 {path.name} > utf8-{path.name}")
+    if what is None and b"\0" in head:  # no JSON text has NUL bytes; binary files and UTF-16/32 text do
+        what = ("binary, or UTF-16/UTF-32 text without a byte-order mark (it has NUL bytes), not UTF-8 JSON; give "
+                "a UTF-8 file of conversations: one JSON record per line (.jsonl) or a JSON list (.json)")
+    if what is not None:
+        raise DataError(f"{path} is {what}", "not_text")
+
+
+def _not_utf8(line: bytes, e: UnicodeDecodeError) -> str:
+    return (f"byte {line[e.start]:#04x} (column {e.start + 1}) is not UTF-8: the file is in another encoding "
+            "(e.g. Latin-1 or Windows-1252); re-save it as UTF-8")
+
+
+def _first_not_utf8(path: Path) -> DataError:
+    """The first line of `path` that is not UTF-8, as an error (only called after decoding failed)."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}: line {lineno}: {_not_utf8(line, e)}", "not_utf8")
+    return DataError(f"{path} is not UTF-8 text; re-save it as UTF-8", "not_utf8")
 
 
 def _as_record(obj: Any) -> dict | DataError:
     if isinstance(obj, dict):
         return obj
-    return DataError(f"record is a JSON {type(obj).__name__}, not an object", "not_object")
+    return DataError(f"record is {_json_type(obj)}, not an object; {_LAYOUTS}", "not_object")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for index, line in enumerate(f):
+    # Lines are decoded one by one, so a line in another encoding is one bad record, not a crash.
+    with open(path, "rb") as f:
+        for index, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if index == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield index, DataError(_not_utf8(raw, e), "not_utf8")
+                continue
             if not line.strip():
                 continue
             try:
-                yield index, _as_record(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if index == 0 and line.lstrip().startswith("["):
+                    raise DataError(f"{path} starts with '[', so it is a JSON list, not JSON Lines (one record per "
+                                    "line); rename it to .json", "not_json") from e
                 yield index, DataError(f"not valid JSON ({e.msg}); fix or remove the line", "not_json")
+                continue
+            yield index, _as_record(obj)
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
@@ -218,9 +289,18 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     # is one), so decode one record at a time from a sliding buffer.
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8-sig") as f:
-        buf = f.read(_CHUNK).lstrip()
+
+        def read(n: int) -> str:
+            try:
+                return f.read(n)
+            except UnicodeDecodeError:  # a bad byte can be in any record: no way to skip just that one
+                raise _first_not_utf8(path) from None
+
+        buf = read(_CHUNK).lstrip()
         if not buf.startswith("["):
-            raise DataError(f"{path}: expected a JSON list of records, starting with '['", "not_json")
+            hint = (": it starts with '{', so if it holds one record per line, rename it to .jsonl"
+                    if buf.startswith("{") else f"; {_LAYOUTS}")
+            raise DataError(f"{path}: expected a JSON list of records, starting with '['{hint}", "not_json")
         pos, index, chunk, eof, error = 1, 0, _CHUNK, False, None
         while True:
             pos = _SEP.match(buf, pos).end()
@@ -249,7 +329,7 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
                 tail = f"incomplete record at the end of the file ({len(buf) - pos} characters)"
                 yield index, DataError(tail, "incomplete_tail")
                 return
-            more = f.read(chunk)
+            more = read(chunk)
             chunk *= 2  # a record longer than the buffer is re-decoded O(log n) times, not O(n)
             eof = not more
             buf, pos = buf[pos:] + more, 0
@@ -258,23 +338,28 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, dict | DataError]]:
 def record_messages(record: dict) -> list[dict[str, str]]:
     """The record's turns as [{"role", "content"}], roles mapped through ROLE_MAP."""
     if isinstance(record.get("conversations"), list):
-        turns, role_key, content_key = record["conversations"], "from", "value"
+        turns, role_key, content_key, layout = record["conversations"], "from", "value", f"expected {_SHAREGPT}"
     elif isinstance(record.get("messages"), list):
-        turns, role_key, content_key = record["messages"], "role", "content"
+        turns, role_key, content_key, layout = record["messages"], "role", "content", f"expected {_OPENAI}"
     else:
-        raise DataError(
-            "no 'conversations' (ShareGPT) or 'messages' (OpenAI) list; each record needs one", "missing_messages"
-        )
+        found = ", ".join(f"{k!r}: {_json_type(v)}" for k, v in list(record.items())[:8]) or "nothing"
+        raise DataError(f"no 'conversations' (ShareGPT) or 'messages' (OpenAI) list (the record has {found}); "
+                        f"{_LAYOUTS}", "missing_messages")
     messages = []
     for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
-            raise DataError(f"turn {k} is not an object with a string {content_key!r}", "bad_turn")
-        role = ROLE_MAP.get(turn.get(role_key))
-        if role is None:
-            raise DataError(
-                f"turn {k} has unknown role {turn.get(role_key)!r}; known roles: {', '.join(ROLE_MAP)}", "unknown_role"
-            )
-        messages.append({"role": role, "content": turn[content_key]})
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {k} is {_json_type(turn)}, not an object; {layout}", "bad_turn")
+        content, role = turn.get(content_key), turn.get(role_key)
+        if not isinstance(content, str):
+            problem = (f"has {content_key!r} = {_json_type(content)}, not a string" if content_key in turn
+                       else f"has no {content_key!r} (its keys: {', '.join(map(repr, turn)) or 'none'})")
+            if isinstance(content, list):
+                problem += " (lists of content parts are not supported: join their text into one string)"
+            raise DataError(f"turn {k} {problem}; {layout}", "bad_turn")
+        if not isinstance(role, str) or role not in ROLE_MAP:
+            raise DataError(f"turn {k} has unknown role {role!r} (its {role_key!r}); known roles: "
+                            f"{', '.join(ROLE_MAP)}; rename it to one of them; {layout}", "unknown_role")
+        messages.append({"role": ROLE_MAP[role], "content": content})
     return messages
 
 
@@ -283,6 +368,13 @@ def record_messages(record: dict) -> list[dict[str, str]]:
 
 def _check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
+        if getattr(tokenizer, "name_or_path", ""):  # loaded from a folder: the target's
+            raise ValueError(
+                f"the tokenizer of {tokenizer.name_or_path} has no chat template (no chat_template.jinja, no "
+                "'chat_template' in its tokenizer_config.json), so conversations cannot be rendered; give "
+                "target.model a folder whose tokenizer_config.json has a chat_template (e.g. the model's "
+                "Instruct/chat variant), or a different target"
+            )
         raise ValueError(
             "tokenizer has no chat_template; pass a tokenizer with one or set tokenizer.chat_template "
             "to a Jinja chat template before loading data"
@@ -418,9 +510,7 @@ def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
             if cfg.on_bad_record == "skip":
                 stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
                 continue
-            where = f"record {index}" + (f" (line {index + 1})" if path.suffix == ".jsonl" else "")
-            where += f" id={record['id']!r}" if isinstance(record, dict) and "id" in record else ""
-            raise DataError(f"{path}: {where}: {e}; {_SKIP_HINT}", e.reason) from e
+            raise DataError(f"{path}: {record_location(path, index, record)}: {e}; {_SKIP_HINT}", e.reason) from e
         fitted = _fit(ids, mask, cfg.max_length, cfg.overlong)
         if fitted is None:
             stats.dropped_overlong += 1

@@ -26,15 +26,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from eagle3.model import DraftConfig, Eagle3Draft
+from eagle3.vocab import VocabMap
 
 ExportFormat = Literal["vllm", "sglang", "speculators"]
 FORMATS: tuple[ExportFormat, ...] = ("vllm", "sglang", "speculators")
 WEIGHTS = "model.safetensors"
 SPECULATORS_LAYER_PREFIX = ("midlayer.", "layers.0.")  # Aerie/EAGLE-3 name → speculators name of the draft layer
 EXCLUDED_PREFIXES = ("embed_tokens.", "rotary.")  # frozen target embeddings and derived RoPE buffers
+REEXPORT = "re-export the draft (eagle3.export.save_draft; `aerie train` writes <run_dir>/export)"
+OTHER_TARGET = "use the target the draft was trained for, or train a draft for this target"
+
+
+def check_safetensors(path: str | os.PathLike, fix: str) -> None:
+    """Read the header of a safetensors file (cheap: no tensor data); a missing, truncated or foreign file is an
+    error naming it and `fix` instead of safetensors' bare "incomplete metadata"."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        with safe_open(str(path), framework="pt"):  # validates that the header covers the whole file
+            pass
+    except SafetensorError as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); {fix}") from e
+
+
+def load_safetensors(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, with the errors of `check_safetensors`."""
+    check_safetensors(path, fix)
+    return load_file(str(path))
 
 
 def export_state_dict(draft: Eagle3Draft, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -231,7 +253,10 @@ def read_draft_config(path: str | os.PathLike) -> tuple[DraftConfig, ExportForma
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {path} is not an exported draft folder")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}), e.g. cut off; {REEXPORT}") from e
     meta = raw.get("aerie")
     if not meta:
         raise ValueError(f"{cfg_path} has no 'aerie' section: only drafts exported by Aerie can be loaded here")
@@ -275,21 +300,33 @@ def load_draft(
         diff = {k: (v, getattr(expected, k)) for k, v in cfg.to_dict().items() if expected.to_dict()[k] != v}
         raise ValueError(
             f"draft at {path} does not match the target: " +
-            ", ".join(f"{k}: checkpoint={a} target={b}" for k, (a, b) in diff.items())
+            ", ".join(f"{k}: checkpoint={a} target={b}" for k, (a, b) in diff.items()) + f"; {OTHER_TARGET}"
+        )
+    if embed_weight is not None and tuple(embed_weight.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise ValueError(
+            f"draft at {path} was trained for a target with vocab size {cfg.vocab_size} and hidden size "
+            f"{cfg.hidden_size}, but the target's embeddings are {tuple(embed_weight.shape)}; {OTHER_TARGET}"
         )
     draft = Eagle3Draft(cfg, embed_weight=embed_weight)
-    state = _aerie_names(load_file(str(Path(path) / WEIGHTS)), fmt)
+    weights = Path(path) / WEIGHTS
+    state = _aerie_names(load_safetensors(weights, REEXPORT), fmt)
+    # The weights disagreeing with config.json means the folder mixes files of two exports.
+    mixed = f"it does not match {Path(path) / 'config.json'}: {REEXPORT}"
     want = export_state_dict(draft)
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or unexpected:
-        raise ValueError(f"draft weights at {path}: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"draft weights {weights}: missing {missing}, unexpected {unexpected}; {mixed}")
     for name, t in want.items():
         if state[name].shape != t.shape:
             raise ValueError(
-                f"draft weight {name} at {path} has shape {tuple(state[name].shape)}, config implies {tuple(t.shape)}"
+                f"draft weight {name} in {weights} has shape {tuple(state[name].shape)}, config implies "
+                f"{tuple(t.shape)} (vocab_size={cfg.vocab_size}, draft_vocab_size={cfg.draft_vocab_size}, "
+                f"hidden_size={cfg.hidden_size}); {mixed}"
             )
-    if int(state["t2d"].sum()) != cfg.draft_vocab_size:
-        raise ValueError(f"t2d at {path} selects {int(state['t2d'].sum())} tokens, draft_vocab_size={cfg.draft_vocab_size}")
+    try:
+        VocabMap(d2t=state["d2t"], t2d=state["t2d"])
+    except ValueError as e:
+        raise ValueError(f"d2t/t2d in {weights} are not one vocab map ({e}); {REEXPORT}") from e
     dtype = state["fc.weight"].dtype
     draft.to(dtype)
     draft.load_state_dict(state, strict=False)

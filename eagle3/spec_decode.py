@@ -14,6 +14,13 @@ residual max(0, p - q)); a tree draft picks its children deterministically (top-
 recursive rule over siblings (accept child x with probability p(x), else zero p(x), renormalise, try the next
 sibling; sample the remainder if all fail). Both leave the output distribution exactly the target's.
 
+Lossless check (temperature 0): each output is compared token for token with plain greedy target decoding. Verifying
+K+1 tokens in one forward rounds differently from decoding one token at a time, so at a near-tie of the top logits
+the two argmaxes can differ (in bf16 on CPU every few dozen tokens). At the first divergence of a prompt, one fresh
+no-cache forward over prompt + common prefix decides: if both diverging tokens lie within
+tol = LOSSLESS_RTOL[dtype] * max(1, max|logit|) of the top logit, it is a numerical tie (recorded, the rest of that
+prompt is not compared); otherwise `LosslessError`.
+
 Counting (vLLM's convention): τ = Σ(accepted + 1) / verification calls, pooled over all prompts, so the bonus token
 counts and the prefill's first token does not; `accepted_per_pos[j]` counts calls that accepted draft depth j.
 Counts are taken as verified, before the output is cut at max_new_tokens or EOS.
@@ -39,6 +46,21 @@ from torch import Tensor
 from tqdm import tqdm
 
 from eagle3.model import Eagle3Draft, rotate_half
+
+
+# Tolerance of the lossless check's tie test, relative to max(1, max|logit|) at the diverging position, per target
+# dtype. Measured on SmolLM2-135M-Instruct (CPU with AMX-BF16, 1 thread, 6 chat prompts x 32 greedy tokens, chain
+# K=5): the largest |logit difference| over the vocabulary between any two of the batched verify forward,
+# one-token-at-a-time decoding and a fresh no-cache forward, relative to max|logit| (~40 there), was
+#   float32 4.4e-6 (1.8e-4 logits), bfloat16 5.1e-2 (2.0 logits), float16 6.3e-3 (0.26 logits).
+# bf16 flipped the argmax at 7 of 192 positions (fresh-forward gaps 0 to 0.25 logits); fp32 and fp16 at none. A flip's
+# gap in the fresh forward is at most twice that deviation; each rtol is 3-4x the measured max. In bf16 the check
+# therefore only catches gross errors (tol ~6 logits at max|logit| 40): evaluate in fp32 for a strict one.
+LOSSLESS_RTOL = {torch.float32: 2e-5, torch.bfloat16: 0.15, torch.float16: 0.02}
+
+
+class LosslessError(AssertionError):
+    """Speculative output differs from plain greedy decoding by more than rounding: a bug, not arithmetic."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +128,9 @@ class SpecResult:
     lossless_checked: bool = False  # outputs compared token for token with the target's greedy decoding
     emitted_per_prompt: list[int] = dataclasses.field(default_factory=list)  # sums to emitted_tokens
     calls_per_prompt: list[int] = dataclasses.field(default_factory=list)  # sums to verify_calls
+    # Divergences that were rounding ties (see `lossless_check`): {prompt, position, tokens: [speculative, greedy],
+    # gap, tol, margin (top1 - top2)}; logits of the fresh no-cache forward at that position.
+    numerical_ties: list[dict] = dataclasses.field(default_factory=list)
 
     def tau_interval(self, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
         """Percentile bootstrap interval of the pooled τ over prompts (see `bootstrap_tau`)."""
@@ -118,6 +143,7 @@ class SpecResult:
         d["accept_rate_per_pos"] = [n / max(self.verify_calls, 1) for n in self.accepted_per_pos]
         d["num_prompts"] = len(self.outputs)
         d["output_tokens"] = sum(len(o) for o in self.outputs)
+        d["num_numerical_ties"] = len(self.numerical_ties)
         del d["outputs"]
         return d
 
@@ -538,13 +564,54 @@ def check_compatible(target, draft: Eagle3Draft, aux_layer_ids: Sequence[int]) -
 
 
 @torch.no_grad()
+def lossless_check(target, prompts: list[list[int]], outputs: list[list[int]],
+                   reference: list[list[int]]) -> list[dict]:
+    """Compare speculative `outputs` with the target's greedy `reference`, token for token; returns the ties.
+
+    At the first divergence of prompt i, at generated position j (speculative token a, greedy token b), one fresh
+    no-cache forward of the target (same model and dtype) over prompt + out[:j] gives logits l. With
+    gap = max(l) - min(l[a], l[b]) and tol = LOSSLESS_RTOL[dtype] * max(1, max|l|): gap <= tol is a numerical tie
+    (both tokens are within rounding of the top; recorded, the rest of prompt i is not compared), a larger gap raises
+    `LosslessError`."""
+    device, dtype = next(target.parameters()).device, next(target.parameters()).dtype
+    rtol = LOSSLESS_RTOL[dtype]
+    ties = []
+    for i, (prompt, spec, ref) in enumerate(zip(prompts, outputs, reference)):
+        if spec == ref:
+            continue
+        j = next((j for j, (a, b) in enumerate(zip(spec, ref)) if a != b), min(len(spec), len(ref)))
+        where = (f"lossless check failed: prompt {i} differs from the target's greedy output at generated position "
+                 f"{j}: speculative {spec[j:j + 5]} vs greedy {ref[j:j + 5]} (lengths {len(spec)}/{len(ref)})")
+        if j == min(len(spec), len(ref)):  # one output ends early: no pair of tokens to weigh
+            raise LosslessError(f"{where}; one output stops where the other goes on, which rounding cannot cause: a "
+                                f"bug in the speculative decoder's EOS / max_new_tokens handling")
+        a, b = spec[j], ref[j]
+        logits = target(input_ids=torch.tensor([prompt + spec[:j]], device=device), use_cache=False,
+                        logits_to_keep=1).logits[0, -1].float()  # [V]
+        top2 = logits.topk(2).values
+        tol = rtol * max(1.0, float(logits.abs().max()))
+        gap = float(top2[0] - torch.minimum(logits[a], logits[b]))
+        if gap > tol:
+            raise LosslessError(
+                f"{where}; a fresh forward puts token {a} (speculative) at {float(logits[a]):.4g} and {b} (greedy) at "
+                f"{float(logits[b]):.4g}, top {float(top2[0]):.4g}: gap {gap:.3g} > tol {tol:.3g} ({dtype} rtol {rtol} "
+                f"x max(1, max|logit|)). That is a real mismatch, not rounding: a bug in the speculative decoder "
+                f"(verification mask, positions, KV-cache bookkeeping) or in how draft tokens are accepted"
+            )
+        ties.append({"prompt": i, "position": j, "tokens": [a, b], "gap": gap, "tol": tol,
+                     "margin": float(top2[0] - top2[1])})
+    return ties
+
+
+@torch.no_grad()
 def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg: SpecConfig, *,
              aux_layer_ids: Sequence[int], eos_token_ids: Sequence[int] = (), baseline: bool | BaselineRun = True,
              progress: bool = False) -> SpecResult:
     """Speculative decoding of `prompts` (token ids) with `draft` verifying on `target`; pooled counts + timing.
 
-    At temperature 0 every output is compared token for token with plain greedy target decoding and a mismatch
-    raises (naming prompt and position); that run is also the speed-up baseline. `baseline=False` skips the
+    At temperature 0 every output is compared token for token with plain greedy target decoding
+    (`lossless_check`): a divergence at a rounding tie is recorded in `numerical_ties`, any other raises
+    `LosslessError` naming prompt and position; that run is also the speed-up baseline. `baseline=False` skips the
     baseline only at temperature > 0; a `BaselineRun` from `target_decode` is reused (several configs, one
     baseline).
     """
@@ -566,6 +633,10 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
     if isinstance(baseline, BaselineRun) and (baseline.max_new_tokens, baseline.temperature, len(baseline.outputs)) \
             != (cfg.max_new_tokens, cfg.temperature, len(prompts)):
         raise ValueError("the BaselineRun was made with other max_new_tokens/temperature/prompts than this config")
+    dtype = next(target.parameters()).dtype
+    if cfg.temperature == 0 and dtype not in LOSSLESS_RTOL:
+        raise ValueError(f"target dtype {dtype} has no lossless-check tolerance; load the target in one of "
+                         f"{', '.join(str(d) for d in LOSSLESS_RTOL)}")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     eos = set(eos_token_ids)
@@ -617,20 +688,13 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
     if baseline is True or (baseline is False and cfg.temperature == 0):
         baseline = target_decode(target, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                  seed=cfg.seed, eos_token_ids=eos_token_ids, progress=progress)
-    checked = False
-    if cfg.temperature == 0:
-        for i, (spec, ref) in enumerate(zip(outputs, baseline.outputs)):
-            if spec != ref:
-                j = next((j for j, (a, b) in enumerate(zip(spec, ref)) if a != b), min(len(spec), len(ref)))
-                raise AssertionError(
-                    f"lossless check failed: prompt {i} differs from the target's greedy output at generated position "
-                    f"{j}: speculative {spec[j:j + 5]} vs greedy {ref[j:j + 5]} (lengths {len(spec)}/{len(ref)})"
-                )
-        checked = True
+    checked, ties = cfg.temperature == 0, []
+    if checked:
+        ties = lossless_check(target, prompts, outputs, baseline.outputs)
     base_s = baseline.seconds if isinstance(baseline, BaselineRun) else None
     return SpecResult(
         tau=emitted / max(calls, 1), emitted_tokens=emitted, verify_calls=calls, draft_tokens=drafted,
         accepted_per_pos=accepted_per_pos, accept_hist=accept_hist, outputs=outputs, seconds=seconds,
         baseline_seconds=base_s, speedup=(base_s / seconds) if base_s else None, lossless_checked=checked,
-        emitted_per_prompt=emitted_pp, calls_per_prompt=calls_pp,
+        emitted_per_prompt=emitted_pp, calls_per_prompt=calls_pp, numerical_ties=ties,
     )

@@ -14,9 +14,10 @@ default, so other feedback modes (draft-sampled tokens relabelled by the target)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
+from annotated_types import Ge, Gt, Le
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -30,9 +31,9 @@ from eagle3.target_head import Teacher
 class TTTConfig:
     """How the draft is unrolled and scored."""
 
-    length: int = 7
+    length: Annotated[int, Ge(1)] = 7
     """Number of TTT steps K (1 = plain EAGLE training without feedback)."""
-    step_decay: float = 0.8
+    step_decay: Annotated[float, Gt(0), Le(1)] = 0.8
     """Weight of step k is step_decay**k."""
     normalization: Normalization = "valid"
     """'valid': divide each step's loss by its labelled positions; 'official': mean over all B·T positions."""
@@ -44,16 +45,18 @@ class TTTConfig:
     """Tokens fed at steps k >= 1: 'data' = dataset tokens (official recipe); 'draft' = sampled from the draft's
     previous step and labelled by the target on that path (relabel); 'target' = the target's greedy continuation
     (what temperature-0 verification accepts)."""
-    branch_fraction: float = 1.0
+    branch_fraction: Annotated[float, Gt(0), Le(1)] = 1.0
     """'draft'/'target': share of labelled positions that take the fed path (the rest keep dataset tokens);
     the extra target tokens per trained token are about branch_fraction * (length - 1)."""
-    draft_temperature: float = 0.0
+    draft_temperature: Annotated[float, Ge(0)] = 0.0
     """'draft': sampling temperature of the fed tokens (0 = the draft's argmax)."""
     survival_weights: bool = False
     """'draft': weight step k by the probability the chain survives verification up to it (greedy: all fed tokens
     equal the target's argmax; sampling: prod min(1, p/q))."""
 
     def __post_init__(self) -> None:
+        # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
+        # annotations themselves (types included) when it loads a run.
         if self.length < 1:
             raise ValueError(f"ttt.length must be >= 1, got {self.length}")
         if not 0.0 < self.step_decay <= 1.0:

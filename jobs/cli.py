@@ -1,10 +1,57 @@
-"""`aerie` command line: `aerie train ...`, `aerie eval ...` (see `python -m jobs.train --help`, `python -m jobs.eval --help`)."""
+"""`aerie` command line: `aerie train ...`, `aerie eval ...` (see `python -m jobs.train --help`, `python -m jobs.eval --help`).
+
+Errors reach the user as one line naming the problem and the fix; the traceback goes to a log file (its path is
+printed) or, with `--traceback`, to the console.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
 
 COMMANDS = {"train": "jobs.train", "eval": "jobs.eval"}
+
+
+def error_log_dir() -> Path:
+    from actors.models import cache_root
+
+    return cache_root() / "logs"
+
+
+def run_cli(entry: Callable[[list[str]], object], argv: list[str], prog: str = "aerie") -> None:
+    """Run a command's `main(argv)`: exit 0 on success, 130 on Ctrl-C/SIGTERM, 1 with a one-line error otherwise
+    (`--traceback`, accepted by every command, prints the traceback instead of writing it to a log file)."""
+    show_traceback = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        entry(argv)
+    except KeyboardInterrupt as err:
+        why = f" ({err})" if str(err) else ""
+        print(f"\n[{prog}] interrupted{why}; the MLflow run is marked KILLED. Run the same command again to resume "
+              "from the last checkpoint.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - the CLI boundary: one readable line, the traceback kept
+        text = "".join(traceback.format_exception(err))
+        where = ""
+        if show_traceback:
+            print(text, file=sys.stderr)
+        else:
+            try:
+                log = error_log_dir() / f"error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(text)
+                where = f"\n[{prog}] traceback: {log} (or re-run with --traceback)"
+            except OSError:
+                where = f"\n[{prog}] re-run with --traceback for the traceback"
+        message = " ".join(str(err).split("\n")[0].split()) if str(err) else type(err).__name__
+        rest = "\n".join(str(err).split("\n")[1:])  # multi-line messages (several bad config fields) keep their lines
+        print(f"[{prog}] error: {message}" + (f"\n{rest}" if rest else "") + where, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     import importlib
 
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    run_cli(importlib.import_module(COMMANDS[argv[0]]).main, argv[1:], prog=f"aerie {argv[0]}")
 
 
 if __name__ == "__main__":

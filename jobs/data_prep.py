@@ -16,7 +16,8 @@ from actors.models import cache_root, resolve_model
 from actors.protocol import GenerationParams, RegenRequest
 from actors.regenerate import prompt_ids, prompt_turns
 from eagle3.data import (
-    Batch, DataConfig, DataError, DataStats, collate, iter_records, load_samples, pack, record_messages,
+    Batch, DataConfig, DataError, DataStats, collate, iter_records, load_samples, pack, record_location,
+    record_messages,
 )
 from eagle3.vocab import VocabMap, data_fingerprint, load_or_build_vocab_map
 from jobs.config import JobConfig
@@ -93,7 +94,8 @@ def regen_requests(cfg: DataConfig, tokenizer) -> tuple[list[RegenRequest], Data
             if cfg.on_bad_record == "skip":
                 stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
                 continue
-            raise DataError(f"{path}: record {index}: {e}; or set data.on_bad_record=skip", e.reason) from e
+            raise DataError(f"{path}: {record_location(path, index, record)}: {e}; or set data.on_bad_record=skip",
+                            e.reason) from e
         if n >= cfg.max_length:
             stats.dropped_overlong += 1
             continue

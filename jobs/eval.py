@@ -50,7 +50,9 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} not found; give a .jsonl/.json of chat messages or ShareGPT")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the target's tokenizer has no chat template; prompts cannot be built")
+        raise ValueError("the target's tokenizer has no chat template, so chat prompts cannot be built from the "
+                         "records; use a chat/instruct target (e.g. builtin:smollm2-135m-instruct) or add a "
+                         "chat_template to its tokenizer_config.json")
     prompts: list[list[int]] = []
     counts = {"records_skipped_by_offset": 0, "too_long": 0, "bad": 0, "duplicate": 0}
     distinct: set[tuple[int, ...]] = set()
@@ -174,16 +176,18 @@ def run_configs(target, draft, prompts: list[list[int]], configs: list[SpecConfi
 def format_table(configs: list[SpecConfig], results: list[SpecResult]) -> str:
     """Plain-text table: τ (with a 95% bootstrap interval over prompts), acceptance rate per draft position, speed."""
     head = f"{'config':<22} {'tau':>6} {'tau 95% CI':>13} {'calls':>6} {'draft/call':>10} {'spec s':>8} {'target s':>8} {'speedup':>7}" \
-           f"  {'lossless':<8} accept rate per position"
+           f"  {'lossless':<13} accept rate per position"
     lines = [head, "-" * len(head)]
     for cfg, r in zip(configs, results):
         d = r.to_dict()
         rates = " ".join(f"{x:.2f}" for x in d["accept_rate_per_pos"])
         ci = f"[{d['tau_ci95'][0]:.2f}, {d['tau_ci95'][1]:.2f}]" if d["tau_ci95"] else "-"
+        ties = d["num_numerical_ties"]  # divergences at rounding ties (eagle3.spec_decode.lossless_check)
+        lossless = "n/a" if not r.lossless_checked else "yes" if not ties else f"yes ({ties} tie{'s' * (ties > 1)})"
         lines.append(
             f"{cfg.label():<22} {r.tau:>6.3f} {ci:>13} {r.verify_calls:>6} {r.draft_tokens / max(r.verify_calls, 1):>10.1f} "
             f"{r.seconds:>8.1f} {r.baseline_seconds or float('nan'):>8.1f} {r.speedup or float('nan'):>7.2f}  "
-            f"{'yes' if r.lossless_checked else 'n/a':<8} {rates}"
+            f"{lossless:<13} {rates}"
         )
     return "\n".join(lines)
 
@@ -211,7 +215,7 @@ def plot_acceptance(configs: list[SpecConfig], results: list[SpecResult], out_pn
 
 
 def metrics_of(configs: list[SpecConfig], results: list[SpecResult]) -> dict[str, float]:
-    """eval/<config>/{tau,speedup,accept_rate_j}; with a single config also plain eval/tau, eval/speedup."""
+    """eval/<config>/{tau,speedup,accept_rate_j,numerical_ties}; with a single config also plain eval/tau, ...."""
     out: dict[str, float] = {}
     for cfg, r in zip(configs, results):
         d = r.to_dict()
@@ -219,6 +223,8 @@ def metrics_of(configs: list[SpecConfig], results: list[SpecResult]) -> dict[str
              **{f"accept_rate_{j}": x for j, x in enumerate(d["accept_rate_per_pos"])}}
         if r.speedup is not None:
             m["speedup"] = r.speedup
+        if r.lossless_checked:
+            m["numerical_ties"] = len(r.numerical_ties)
         if d["tau_ci95"] is not None:
             m["tau_ci95_low"], m["tau_ci95_high"] = d["tau_ci95"]
         out.update({f"eval/{slug(cfg)}/{k}": float(v) for k, v in m.items()})
@@ -241,11 +247,14 @@ def log_to_mlflow(tracker, configs, results, report: dict, out_dir: Path) -> Non
 
 def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> dict:
     """The train job's last step (cfg.eval): decode held-back prompts (records of cfg.data.path after the first
-    `skip_records`, which training read) with the exported draft and log eval/* into the training run."""
+    `skip_records`, which training read) with the exported draft, the target in cfg.eval.target_dtype, and log eval/*
+    into the training run. Prints the table; returns eval_* summary fields (τ, speed-up, ties, dtype)."""
     ec = cfg.eval
     if cfg.target.num_threads:  # as the target actors ran; two contended threads are far slower than one here
         torch.set_num_threads(cfg.target.num_threads)
-    target, tokenizer = load_target(cfg.target.model, cfg.target.dtype)
+    # Its own dtype, not the target actors': in bf16, batched verification and plain decoding round differently and
+    # the lossless check can only tell ties from bugs with a wide tolerance (eagle3.spec_decode.LOSSLESS_RTOL).
+    target, tokenizer = load_target(cfg.target.model, ec.target_dtype)
     draft = load_draft_for(export_dir, target)
     try:
         prompts, counts = load_prompts(cfg.data.path, tokenizer, skip_records=skip_records,
@@ -258,18 +267,33 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
     spec = SpecConfig(method=ec.method, num_draft_tokens=ec.num_draft_tokens, tree_depth=ec.num_draft_tokens,
                       max_new_tokens=ec.max_new_tokens)
     results = run_configs(target, draft, prompts, [spec], eos=eos_ids(target, tokenizer), progress=False)
-    report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": cfg.target.dtype,
+    report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": ec.target_dtype,
               "prompts": f"{cfg.data.path} (records after the first {skip_records})", "num_prompts": len(prompts),
               "prompt_counts": counts, "results": [{"config": spec.label(), "spec_config": dataclasses.asdict(spec),
                                                     **results[0].to_dict()}]}
     log_to_mlflow(tracker, [spec], results, report, Path(export_dir).parent)
     print(format_table([spec], results), file=sys.stderr, flush=True)
     return {"eval_tau": results[0].tau, "eval_speedup": results[0].speedup, "eval_config": spec.label(),
-            "eval_prompts": len(prompts)}
+            "eval_prompts": len(prompts), "eval_target_dtype": ec.target_dtype,
+            "eval_numerical_ties": len(results[0].numerical_ties)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points
+
+
+def at_least(minimum: int):
+    """argparse type: a whole number >= minimum (rejected, naming flag and fix, before anything loads)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass one >= {minimum}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"got {n}, must be >= {minimum}; pass a number >= {minimum}")
+        return n
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,19 +302,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", required=True, help="builtin:smollm2-135m-instruct | builtin:tiny-llama | HF folder | .gguf")
     p.add_argument("--prompts", required=True, help=".jsonl/.json of chat messages (messages) or ShareGPT (conversations)")
     p.add_argument("--target-dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--num-prompts", type=int, default=50)
-    p.add_argument("--skip-records", type=int, default=0, help="skip the first N records (e.g. those trained on)")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer prompts (0: no limit)")
+    p.add_argument("--num-prompts", type=at_least(1), default=50)
+    p.add_argument("--skip-records", type=at_least(0), default=0,
+                   help="skip the first N records (e.g. those trained on)")
+    p.add_argument("--max-prompt-tokens", type=at_least(0), default=1024, help="skip longer prompts (0: no limit)")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--method", nargs="+", choices=["chain", "tree"], default=["chain"])
-    p.add_argument("--k", type=int, nargs="+", default=[5], help="chain: draft tokens per call (several allowed)")
-    p.add_argument("--tree-depth", type=int, default=5)
-    p.add_argument("--tree-top-k", type=int, default=8)
-    p.add_argument("--tree-total-tokens", type=int, default=48)
+    p.add_argument("--k", type=at_least(1), nargs="+", default=[5],
+                   help="chain: draft tokens per call (several allowed)")
+    p.add_argument("--tree-depth", type=at_least(1), default=5)
+    p.add_argument("--tree-top-k", type=at_least(1), default=8)
+    p.add_argument("--tree-total-tokens", type=at_least(1), default=48)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--out", default=None, help="JSON report path (default: eval.json next to the draft folder)")
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI; empty: no MLflow")
     p.add_argument("--experiment", default="aerie")
@@ -311,44 +337,79 @@ def spec_configs(args: argparse.Namespace) -> list[SpecConfig]:
     return configs
 
 
+def open_tracker(args: argparse.Namespace):
+    """The MLflow run to log into: --run-id's existing run, else a new (or same-named) eval run. Checks the server
+    answers first; errors name eval's own flags."""
+    from mlflow.exceptions import MlflowException
+
+    from jobs.tracking import MlflowTracker, check_store, open_run
+
+    try:
+        if not args.run_id:
+            return open_run(args.tracking_uri, args.experiment, args.run_name or f"eval-{Path(args.draft).name}",
+                            fresh=True)  # every evaluation is its own run
+        check_store(args.tracking_uri)
+    except ConnectionError as err:  # its hint names the train job's --set tracking.uri
+        cause = err.__cause__ or err
+        raise ConnectionError(
+            f"MLflow tracking URI {args.tracking_uri!r} is unreachable ({type(cause).__name__}: {str(cause)[:200]}); "
+            f"start the server, pass a reachable --tracking-uri, or leave --tracking-uri out to evaluate without MLflow"
+        ) from err
+    tracker = MlflowTracker(args.tracking_uri, args.run_id)
+    try:
+        tracker.client.get_run(args.run_id)
+    except MlflowException as err:
+        raise ValueError(f"--run-id {args.run_id}: no such run at --tracking-uri {args.tracking_uri} "
+                         f"({str(err)[:200]}); pass an existing run's id, or leave --run-id out to log into a new "
+                         f"run") from err
+    return tracker
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from jobs.tracking import close_run
+
     args = parse_args(argv)
     configs = spec_configs(args)  # validates the numbers before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    tracker = None
-    if args.tracking_uri:
-        from jobs.tracking import MlflowTracker, open_run
+    tracker = open_tracker(args) if args.tracking_uri else None
+    own_run = tracker is not None and not args.run_id  # --run-id's run (e.g. training's) keeps its status
+    try:
+        target, tokenizer = load_target(args.target, args.target_dtype)
+        draft = load_draft_for(args.draft, target)
+        prompts, counts = load_prompts(args.prompts, tokenizer, skip_records=args.skip_records,
+                                       num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens or None,
+                                       on_bad_record=args.on_bad_record)
+        print(f"[aerie eval] {len(prompts)} prompts ({sum(map(len, prompts))} tokens; {counts}), "
+              f"{len(configs)} configs", file=sys.stderr, flush=True)
+        out = Path(args.out) if args.out else Path(args.draft).absolute().parent / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "draft": str(Path(args.draft).absolute()), "target": args.target, "target_dtype": args.target_dtype,
+            "prompts": str(Path(args.prompts).absolute()), "num_prompts": len(prompts), "prompt_counts": counts,
+            "threads": torch.get_num_threads(), "results": [],
+        }
 
-        tracker = (MlflowTracker(args.tracking_uri, args.run_id) if args.run_id else
-                   open_run(args.tracking_uri, args.experiment, args.run_name or f"eval-{Path(args.draft).name}"))
-    target, tokenizer = load_target(args.target, args.target_dtype)
-    draft = load_draft_for(args.draft, target)
-    prompts, counts = load_prompts(args.prompts, tokenizer, skip_records=args.skip_records,
-                                   num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens or None,
-                                   on_bad_record=args.on_bad_record)
-    print(f"[aerie eval] {len(prompts)} prompts ({sum(map(len, prompts))} tokens; {counts}), "
-          f"{len(configs)} configs", file=sys.stderr, flush=True)
-    out = Path(args.out) if args.out else Path(args.draft).absolute().parent / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "draft": str(Path(args.draft).absolute()), "target": args.target, "target_dtype": args.target_dtype,
-        "prompts": str(Path(args.prompts).absolute()), "num_prompts": len(prompts), "prompt_counts": counts,
-        "threads": torch.get_num_threads(), "results": [],
-    }
+        def save(results: list[SpecResult]) -> None:  # after every config: a partial report survives an interrupt
+            report["results"] = [{"config": c.label(), "spec_config": dataclasses.asdict(c), **r.to_dict()}
+                                 for c, r in zip(configs, results)]
+            out.write_text(json.dumps(report, indent=2))
+            print(format_table(configs[len(results) - 1:], results[-1:]).splitlines()[-1], file=sys.stderr,
+                  flush=True)
 
-    def save(results: list[SpecResult]) -> None:  # after every config: a partial report survives an interrupt
-        report["results"] = [{"config": c.label(), "spec_config": dataclasses.asdict(c), **r.to_dict()}
-                             for c, r in zip(configs, results)]
-        out.write_text(json.dumps(report, indent=2))
-        print(format_table(configs[len(results) - 1:], results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-
-    results = run_configs(target, draft, prompts, configs, eos=eos_ids(target, tokenizer),
-                          progress=not args.no_progress, on_result=save)
-    if tracker is not None:
-        log_to_mlflow(tracker, configs, results, report, out.parent)
-        if not args.run_id:
-            tracker.client.set_terminated(tracker.run_id)
+        results = run_configs(target, draft, prompts, configs, eos=eos_ids(target, tokenizer),
+                              progress=not args.no_progress, on_result=save)
+        if tracker is not None:
+            log_to_mlflow(tracker, configs, results, report, out.parent)
+    except BaseException as err:  # an eval run of our own is not left RUNNING
+        if own_run:
+            try:
+                close_run(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", err)
+            except Exception as close_err:  # noqa: BLE001 - the evaluation's error is the one to see
+                print(f"[aerie eval] could not mark MLflow run {tracker.run_id} failed: {close_err}", file=sys.stderr)
+        raise
+    if own_run:
+        close_run(tracker, "FINISHED")
     print(format_table(configs, results))
     print(f"[aerie eval] report: {out}" + (f"; MLflow run {tracker.run_id}" if tracker else ""), file=sys.stderr)
     return report

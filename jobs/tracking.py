@@ -128,15 +128,16 @@ def ensure_sqlite_store(uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def open_run(uri: str, experiment: str, run_name: str) -> MlflowTracker:
-    """Create (or resume, for a resubmitted run name) the MLflow run. Raises at once if `uri` is unreachable."""
+def check_store(uri: str):
+    """An MlflowClient for `uri` after checking it answers (and creating an embedded store atomically); raises a
+    clear error at once if it is unreachable or damaged. Creates no run: call before validating the inputs."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
     try:
         ensure_sqlite_store(uri)
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
+        client.search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any transport error means: unreachable
         if db is not None:
             why = " ".join(str(err).split())[:160]
@@ -149,12 +150,53 @@ def open_run(uri: str, experiment: str, run_name: str) -> MlflowTracker:
             f"MLflow tracking URI {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); start the server "
             f"or pass --set tracking.uri=... (empty = embedded sqlite store in the run folder)"
         ) from err
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=1)
+    return client
+
+
+def open_run(uri: str, experiment: str, run_name: str, *, artifact_root: Path | None = None,
+             fresh: bool = False) -> MlflowTracker:
+    """Create (or resume, for a resubmitted run name: the newest run of that name) the MLflow run, status RUNNING.
+
+    `artifact_root`: where a NEW experiment keeps its artifacts; for a sqlite store by default `artifacts/` next to
+    the database (MLflow's default is ./mlruns of the current directory, which `ray job submit` deletes; a tracking
+    server keeps its own default). `fresh`: always a new run. Raises at once if `uri` is unreachable."""
+    client = check_store(uri)
+    db = sqlite_path(uri)
+    if artifact_root is None and db is not None:
+        artifact_root = db.parent / "artifacts"
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        exp_id = client.create_experiment(experiment, artifact_location=artifact_root.absolute().as_uri()
+                                          if artifact_root is not None else None)
+    runs = [] if fresh else client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+                                               max_results=1, order_by=["attribute.start_time DESC"])
     run_id = runs[0].info.run_id if runs else client.create_run(exp_id, run_name=run_name).info.run_id
     if runs:
         client.update_run(run_id, status="RUNNING")
     return MlflowTracker(uri, run_id)
+
+
+def run_status(uri: str, experiment: str, run_name: str) -> str | None:
+    """Status of the newest run named `run_name` (FINISHED, FAILED, KILLED, RUNNING), None if there is none."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+                              max_results=1, order_by=["attribute.start_time DESC"])
+    return runs[0].info.status if runs else None
+
+
+def close_run(tracker: MlflowTracker, status: str, error: BaseException | None = None) -> None:
+    """End the run as FINISHED, FAILED or KILLED; a failure's type and message go into the `error` tag."""
+    if error is not None:
+        msg = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        tracker.set_tags({"error": msg[:4900]})
+    tracker.client.set_terminated(tracker.run_id, status)
 
 
 def metric_history(tracker: MlflowTracker, key: str) -> list[tuple[int, float]]:

@@ -7,81 +7,229 @@ workers fit the draft while streaming target features → export → summary. Ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from jobs.config import JobConfig, flatten, load_config, to_dict
+from jobs.config import PRESETS, JobConfig, flatten, load_config, model_settings_diff, to_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="aerie train", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default=None, help="named run: tiny | smollm2-sharegpt-cpu | llama3-8b-8gpu")
+    p.add_argument("--preset", default=None, help="named run: " + " | ".join(PRESETS))
     p.add_argument("--config", default=None, help="YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--address", default=None,
                    help="Ray address; default: $RAY_ADDRESS (set by `ray job submit`), else a new local Ray")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard this run name's checkpoints, export and summary and train from scratch "
+                        "(a new MLflow run; the old one stays in the store)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.preset, args.config, args.overrides)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}", flush=True)
+    finished = check_rerun(cfg, fresh=args.fresh)  # before anything is written or opened
+    if finished is not None:
+        print(f"[aerie] run {cfg.name!r} already finished with these settings; its export is untouched "
+              f"(--fresh trains it again)", file=sys.stderr, flush=True)
+        print_summary(finished, cfg)
+        return finished
 
     import ray
 
     from jobs.data_prep import prepare_data
     from jobs.targets import start_target_actors
-    from jobs.tracking import log_files, open_run, plot_ttt_curves
+    from jobs.tracking import check_store, close_run, open_run
+    from jobs.watchdog import Watchdog, local_ray_pids
 
-    tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name)  # fails fast if unreachable
-    data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver
-    print(f"[aerie] data: {data.stats.summary()}; {len(data.batches)} batches", flush=True)
-
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    group = start_target_actors(cfg.target)
+    check_store(cfg.tracking_uri())  # unreachable tracking fails in seconds, before tokenization
+    data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver: bad data fails here
+    print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; {len(data.batches)} batches",
+          flush=True)
+    write_run_config(cfg)
+    # Inputs are valid: from here on the run is open, and every way out of this block closes it with its true state.
+    tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name, fresh=args.fresh)
+    watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)  # marks the run KILLED if this process is SIGKILLed
     try:
-        result, wall, draft_cfg = fit(cfg, group, data, tracker)
+        with sigterm_as_interrupt():
+            if not ray.is_initialized():
+                ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+            watchdog.watch_pids(local_ray_pids())
+            group = start_target_actors(cfg.target)
+            try:
+                result, wall, draft_cfg = fit(cfg, group, data, tracker)
+            finally:
+                group.shutdown()
+            export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
+            summary = finish_run(cfg, tracker, data, export_dir, wall)
+        close_run(tracker, "FINISHED")
+    except KeyboardInterrupt as err:
+        close_run(tracker, "KILLED", err)
+        raise
+    except BaseException as err:
+        close_run(tracker, "FAILED", err)
+        raise
     finally:
-        group.shutdown()
+        watchdog.done()
+    print_summary(summary, cfg)
+    return summary
 
-    export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
-    final = final_metrics(tracker, cfg)
+
+def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> dict:
+    """Evaluation (optional), artifacts, registration and summary.json of a trained run. A failed evaluation is
+    reported in the summary and the run's tags; it never discards the training."""
+    from jobs.tracking import log_files, plot_ttt_curves
+
     summary = {
         "run": cfg.name, "wall_seconds": round(wall, 1), "export": str(export_dir), "mlflow_uri": cfg.tracking_uri(),
-        "mlflow_run_id": tracker.run_id, "samples": data.stats.kept, "batches": len(data.batches), **final,
+        "mlflow_run_id": tracker.run_id, "samples": data.stats.kept, "batches": len(data.batches),
+        **final_metrics(tracker, cfg),
     }
-    if cfg.eval.enabled:  # real speculative decoding of held-back prompts (records after those trained on)
-        from jobs.eval import eval_after_training
-
-        summary.update(eval_after_training(cfg, export_dir, data.stats.records_seen, tracker))
+    tracker.log_artifacts(export_dir, "draft")  # first: the draft is safe in MLflow whatever the evaluation does
     plot = plot_ttt_curves(tracker, cfg.ttt.length, cfg.run_dir / "ttt_curves.png")
-    tracker.log_artifacts(plot.parent / "export", "draft")
-    log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
     tracker.client.log_artifact(tracker.run_id, str(plot), "plots")
     if cfg.tracking.register_model:
         summary["registered_model_version"] = tracker.register_draft(cfg.tracking.register_model)
-    tracker.client.set_terminated(tracker.run_id)
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary, cfg)
+    if cfg.eval.enabled:  # real speculative decoding of held-back prompts (records after those trained on)
+        from jobs.eval import eval_after_training
+
+        try:
+            summary.update(eval_after_training(cfg, export_dir, data.stats.records_seen, tracker))
+        except Exception as err:  # noqa: BLE001 - the training is done and logged; say what failed and go on
+            summary["eval_error"] = f"{type(err).__name__}: {err}"
+            tracker.set_tags({"eval.failed": summary["eval_error"][:4900]})
+            print(f"[aerie] evaluation failed (training and export are kept): {summary['eval_error']}",
+                  file=sys.stderr, flush=True)
+    log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
+    atomic_write(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))  # written last: the run is finished
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folder state: what a re-run of the same name finds
+
+
+def write_run_config(cfg: JobConfig) -> None:
+    """<run_dir>/config.yaml: the settings the run was started with (a re-run is compared against them)."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.exists():
+        atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
+    """What a run name already holds decides what this invocation does.
+
+    - nothing there (or `fresh`: its checkpoints, export and summary are removed first): train;
+    - started with settings that change the model or its export: refuse, naming them (mixing them would corrupt
+      the checkpoint or the export);
+    - finished with the same model settings: return its summary (nothing to do, export untouched);
+    - unfinished (crashed, killed): train, resuming from its last registered checkpoint."""
+    run_dir = cfg.run_dir
+    if fresh:
+        for name in ("ray", "export", "artifacts"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("summary.json", "config.yaml", "ttt_curves.png", "eval.json", ".crashed-once"):
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return None
+    try:
+        old = yaml.safe_load(saved.read_text())
+        was, now = flatten(old), flatten(to_dict(cfg))
+        diff = [f"{k} {was.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in model_settings_diff(old, to_dict(cfg))]
+    except Exception as err:  # noqa: BLE001 - unreadable: don't guess
+        raise ValueError(f"run {cfg.name!r}: {saved} cannot be read ({err}); pass --fresh to start the run over, "
+                         f"or choose another name") from err
+    if diff:
+        raise ValueError(
+            f"run {cfg.name!r} in {run_dir} was started with other model settings: {'; '.join(diff)}. Continuing "
+            f"would mix them in one checkpoint/export. Choose another --set name=..., or pass --fresh to discard "
+            f"that run's checkpoints and export and train again")
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else None
+
+
+def scan_checkpoints(cfg: JobConfig) -> str | None:
+    """Tidy the run's Ray Train checkpoint folder before training resumes from it.
+
+    Ray copies a checkpoint into its final folder and registers it afterwards. A full disk or a kill during the copy
+    leaves a torn folder, which is removed here, so nothing can ever resume from it. A complete folder whose
+    registration was cut short (Ctrl-C right after the copy) is newer than Ray's latest registered checkpoint:
+    its path is returned, and the workers resume from whichever of the two is newer."""
+    from eagle3.checkpoint import verify_train_state
+    from jobs.train_loop import checkpoint_step
+
+    root = cfg.run_dir / "ray" / cfg.name
+    if not root.is_dir():
+        return None
+    registered = set()
+    snapshot = root / "checkpoint_manager_snapshot.json"
+    if snapshot.exists():
+        snap = json.loads(snapshot.read_text())
+        registered = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+    newest_registered = max((checkpoint_step(root / n) for n in registered if (root / n).is_dir()), default=-1)
+    adopt, adopt_step = None, newest_registered
+    for d in sorted(root.glob("checkpoint_*")):
+        try:
+            verify_train_state(d)
+        except (OSError, ValueError) as err:
+            if d.name not in registered:
+                print(f"[aerie] removing torn checkpoint {d} ({str(err)[:120]})", file=sys.stderr, flush=True)
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            raise  # Ray would resume from it: say so (the message names the folder and the fix)
+        if d.name not in registered and checkpoint_step(d) > adopt_step:
+            adopt, adopt_step = str(d), checkpoint_step(d)
+    if adopt:
+        print(f"[aerie] resuming from {adopt} (step {adopt_step}; complete, its registration was interrupted)",
+              file=sys.stderr, flush=True)
+    return adopt
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a small text file through a temp file and a rename: readers see the old or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (`ray job stop`, `kill`, a scheduler) unwinds like Ctrl-C, so the run is closed as KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fit(cfg: JobConfig, group, data, tracker):
     """Check the target against the draft, log params, and run the Ray Train workers. Returns (result, s, cfg)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from jobs.tracking import log_files
     from jobs.train_loop import draft_config_for, train_loop_per_worker
+
+    InterruptibleTorchTrainer = _interruptible_trainer()
 
     targets, info = group.actors, group.info
     draft_cfg = draft_config_for(info, cfg.draft.vocab_size)  # loud on any target/draft mismatch
@@ -96,11 +244,12 @@ def fit(cfg: JobConfig, group, data, tracker):
     worker_resources = {"CPU": t.cpus_per_worker, **(t.resources or {})}
     if t.use_gpu:
         worker_resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = InterruptibleTorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": to_dict(cfg), "targets": targets, "info": info, "vocab": data.vocab,
             "batches": ray.put(data.batches), "mlflow_uri": cfg.tracking_uri(), "mlflow_run_id": tracker.run_id,
+            "adopt_checkpoint": scan_checkpoints(cfg),
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
@@ -110,24 +259,92 @@ def fit(cfg: JobConfig, group, data, tracker):
         ),
     )
     t0 = time.time()
-    result = trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with progress_bar(tracker, planned_steps(cfg, len(data.batches))):
+            result = trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Ray Train leaves its handler installed
     wall = time.time() - t0
 
     return result, wall, draft_cfg
 
 
+def _interruptible_trainer():
+    """TorchTrainer whose Ctrl-C aborts the Ray Train controller and then raises KeyboardInterrupt in the driver.
+
+    Ray Train's own SIGINT handler aborts the controller and then exits the process with status 1 and no
+    exception, so the driver could not tell an interrupt from a failure (nor mark the MLflow run KILLED)."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:  # Ray Train 2.60's hook, called in fit()
+            def handler(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)  # workers stop; registered checkpoints stay
+                except Exception:  # noqa: BLE001 - the controller may already be gone
+                    pass
+                raise KeyboardInterrupt("Ctrl-C")
+
+            signal.signal(signal.SIGINT, handler)
+
+    return InterruptibleTorchTrainer
+
+
+def planned_steps(cfg: JobConfig, num_batches: int) -> int:
+    """Optimizer steps the workers will take (as jobs.train_loop computes them; a token budget may stop earlier)."""
+    from jobs.train_loop import steps_per_epoch
+
+    total = steps_per_epoch(num_batches, cfg.trainer.num_workers) * cfg.optim.epochs
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+
+
+@contextlib.contextmanager
+def progress_bar(tracker, total: int, every_s: float = 2.0):
+    """One progress bar on the driver's console, fed from the run's own MLflow metrics (what the UI shows).
+
+    Drawn here rather than in the rank-0 worker: Ray forwards a worker's output line by line, so a worker's bar
+    arrives as a new full line per refresh (and twice per step when the postfix refreshed it too)."""
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                m = tracker.client.get_run(tracker.run_id).data.metrics
+            except Exception:  # noqa: BLE001 - a busy store: try again at the next tick
+                continue
+            step = int(m.get("train_step", 0))
+            if step > bar.n:  # one redraw per new step: the postfix rides along
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc0=f"{m.get('acc_0', 0):.2f}",
+                                tau=f"{1 + m.get('sim_accept_len', 0):.2f}", refresh=False)
+                bar.update(step - bar.n)
+
+    thread = threading.Thread(target=poll, name="aerie-progress", daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        bar.close()
+
+
 def export_from_checkpoint(cfg: JobConfig, draft_cfg, data, checkpoint) -> Path:
     """Load the final training checkpoint and export the draft (atomic) to <run_dir>/export."""
-    from safetensors.torch import load_file
-
-    from eagle3.export import save_draft
+    from eagle3.export import load_safetensors, save_draft
     from eagle3.model import Eagle3Draft
 
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; nothing to export")
     draft = Eagle3Draft(draft_cfg)
     with checkpoint.as_directory() as d:
-        draft.load_state_dict(load_file(str(Path(d) / "draft.safetensors")), strict=False)
+        weights = load_safetensors(Path(d) / "draft.safetensors", "the final checkpoint is damaged; re-run with --fresh")
+        draft.load_state_dict(weights, strict=False)
     verifier = None
     if cfg.export_format == "speculators":
         from actors.models import resolve_model
@@ -170,4 +387,6 @@ def print_summary(s: dict, cfg: JobConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs.cli import run_cli
+
+    run_cli(main, sys.argv[1:])

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import random
 import tempfile
@@ -186,6 +189,11 @@ class Learner:
 # Data order and sharding
 
 
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The optimizer step a training checkpoint folder was saved at (eagle3.checkpoint's state.json)."""
+    return json.loads((Path(ckpt_dir) / "state.json").read_text())["meta"]["step"]
+
+
 def epoch_order(num_batches: int, seed: int, epoch: int) -> list[int]:
     """Deterministic shuffled batch order of an epoch."""
     order = list(range(num_batches))
@@ -221,6 +229,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from jobs.tracking import MlflowTracker, NullTracker
 
     cfg: JobConfig = load_config_dict(config["job"])
+    # Per-checkpoint INFO lines of Ray Train and MLflow's monitor would bury the progress bar; warnings still show.
+    quiet = ["ray.train", "mlflow.system_metrics"]
+    try:  # Ray Train's report logger is named after its file, outside the ray.train logger tree
+        from ray.train.v2._internal.execution import context as train_context
+
+        quiet.append(train_context.__file__)
+    except ImportError:
+        pass
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.trainer.num_threads:
@@ -239,11 +257,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     learner.module = ray.train.torch.prepare_model(learner.module, move_to_device=True)
 
     step, counters = 0, {"samples": 0, "tokens": 0, "resent": 0, "requests": 0, "wire_bytes": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            meta = load_train_state(d, learner.draft, learner.optimizer, learner.scheduler)
-        step, counters = meta["step"], meta["counters"]
+    # Resume from the newest of: Ray Train's latest registered checkpoint, and a complete checkpoint whose
+    # registration an interrupt cut short (found by the driver, see jobs.train.scan_checkpoints).
+    with contextlib.ExitStack() as stack:
+        ckpt = ray.train.get_checkpoint()
+        dirs = [Path(stack.enter_context(ckpt.as_directory()))] if ckpt else []
+        dirs += [Path(config["adopt_checkpoint"])] if config.get("adopt_checkpoint") else []
+        if dirs:
+            newest = max(dirs, key=checkpoint_step)
+            meta = load_train_state(newest, learner.draft, learner.optimizer, learner.scheduler)
+            step, counters = meta["step"], meta["counters"]
     tracker = MlflowTracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     tracker.start_system_metrics("trainer0", cfg.tracking.system_metrics_interval_s)
     try:
@@ -275,11 +298,6 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             ray.train.report(metrics)
 
     relabels = RelabelClient(targets)
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=2.0)
     while step < total:
         epoch, pos = divmod(step, per_epoch)
         shard = worker_shard(epoch_order(len(batches), cfg.optim.seed, epoch), rank, world)[pos:]
@@ -316,7 +334,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             sim = float(simulated_accept_length(acc_k))
             metrics = {
                 "loss": float((step_weights(K, cfg.ttt.step_decay).double() * loss_k).sum()),
-                "sim_accept_len": sim, "lr": r.lr, "grad_norm": r.grad_norm,
+                "sim_accept_len": sim, "lr": r.lr, "grad_norm": r.grad_norm, "train_step": step,
                 "tokens_per_s": tokens / max(dt, 1e-9),
                 "target_wait_frac": stream.stats.wait_seconds / max(now - t_stream, 1e-9),
                 "wire_bytes_per_token": wire / max(tokens, 1.0),
@@ -348,9 +366,6 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             metrics.update({f"loss_{k}": float(loss_k[k]) for k in range(K)})
             metrics.update({f"acc_{k}": float(acc_k[k]) for k in range(K)})
             tracker.log_metrics(metrics, step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc0=f"{float(acc_k[0]):.2f}", tau=f"{1 + sim:.2f}")
             if rank == 0 and faults.crash_worker_at_step == step and not crash_marker.exists():
                 crash_marker.touch()
                 raise RuntimeError(f"fault injection: worker crash at step {step}")
@@ -359,8 +374,6 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 break
             if step % cfg.trainer.checkpoint_every == 0 and step < total:
                 report(done=False)
-    if bar is not None:
-        bar.close()
     report(done=True)
 
 

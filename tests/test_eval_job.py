@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -13,7 +14,8 @@ from actors.models import TINY
 from eagle3.export import save_draft
 from eagle3.model import DraftConfig, Eagle3Draft
 from jobs import cli
-from jobs.eval import eval_after_training, load_prompts, load_target
+from jobs import eval as eval_job
+from jobs.eval import eval_after_training, format_table, load_prompts, load_target, metrics_of
 
 AUX = (1, 3, 4)
 RECORDS = [
@@ -99,6 +101,7 @@ def test_cli_eval_on_tiny_export(tmp_path, tiny, capsys):
         assert r["lossless_checked"] and r["verify_calls"] > 0
         assert r["tau"] == r["emitted_tokens"] / r["verify_calls"]
         assert r["tau_ci95"][0] <= r["tau"] <= r["tau_ci95"][1] and len(r["calls_per_prompt"]) == 3
+        assert r["numerical_ties"] == [] and r["num_numerical_ties"] == 0  # fp32: exact agreement
 
     from mlflow.tracking import MlflowClient
 
@@ -106,6 +109,7 @@ def test_cli_eval_on_tiny_export(tmp_path, tiny, capsys):
     run = client.search_runs([client.get_experiment_by_name("aerie").experiment_id])[0]
     assert run.data.metrics["eval/chain_k3/tau"] == pytest.approx(report["results"][1]["tau"])
     assert run.data.metrics["eval/chain_k3/tau_ci95_low"] == pytest.approx(report["results"][1]["tau_ci95"][0])
+    assert run.data.metrics["eval/chain_k3/numerical_ties"] == 0 and run.info.status == "FINISHED"
     assert run.data.metrics["eval/tree_d2_k2_n4/accept_rate_0"] == pytest.approx(
         report["results"][2]["accept_rate_per_pos"][0])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
@@ -133,7 +137,7 @@ def test_bad_drafts(tmp_path, tiny):
         cli.main(["eval", "--draft", str(path), "--target", TINY, "--prompts", "x.jsonl", "--method", "beam"])
 
 
-def test_train_hook_logs_held_back_eval(tmp_path, tiny):
+def test_train_hook_logs_held_back_eval(tmp_path, tiny, monkeypatch):
     """eval_after_training on the tiny preset's settings: prompts come after the records training read."""
     from jobs.config import load_config
     from jobs.tracking import metric_history, open_run
@@ -149,7 +153,109 @@ def test_train_hook_logs_held_back_eval(tmp_path, tiny):
     seconds = time.perf_counter() - t0
     assert out["eval_prompts"] == 3  # 12 records, 9 used for training
     assert metric_history(tracker, "eval/tau")[0][1] == pytest.approx(out["eval_tau"])
+    assert out["eval_target_dtype"] == "float32" and out["eval_numerical_ties"] == 0
+    assert metric_history(tracker, "eval/numerical_ties")[0][1] == 0
     assert seconds < 20, f"the eval hook took {seconds:.1f} s on tiny: keep it off by default there"
     # Every record used for training: no held-back prompts, the hook says so and logs a tag instead of failing.
     assert eval_after_training(cfg, export, skip_records=12, tracker=tracker) == {}
     assert "no usable prompts" in tracker.client.get_run(tracker.run_id).data.tags["eval.skipped"]
+    # The target is loaded in eval.target_dtype (here not the actors' target.dtype), and the summary says which.
+    seen = []
+    monkeypatch.setattr(eval_job, "load_target", lambda spec, dtype: seen.append(dtype) or load_target(spec, dtype))
+    bf16 = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, target_dtype="bfloat16"))
+    out = eval_after_training(bf16, export, skip_records=9, tracker=tracker)
+    assert seen == ["bfloat16"] and cfg.target.dtype == "float32"
+    assert out["eval_target_dtype"] == "bfloat16" and out["eval_prompts"] == 3
+    assert isinstance(out["eval_numerical_ties"], int)
+
+
+def test_ties_in_table_and_metrics():
+    """A result whose only divergence was a rounding tie: lossless 'yes (1 tie)', the count logged, ties in JSON."""
+    from eagle3.spec_decode import SpecConfig, SpecResult
+
+    tie = {"prompt": 0, "position": 25, "tokens": [7, 9], "gap": 0.06, "tol": 5.6, "margin": 0.06}
+    base = dict(tau=2.0, emitted_tokens=8, verify_calls=4, draft_tokens=12, accepted_per_pos=[3, 1, 0],
+                accept_hist=[1, 2, 1, 0], outputs=[[1] * 8], seconds=1.0, baseline_seconds=2.0, speedup=2.0,
+                emitted_per_prompt=[8], calls_per_prompt=[4])
+    cfgs = [SpecConfig(num_draft_tokens=3), SpecConfig(num_draft_tokens=4), SpecConfig(num_draft_tokens=5)]
+    results = [SpecResult(**base, lossless_checked=True, numerical_ties=[tie]),
+               SpecResult(**base, lossless_checked=True, numerical_ties=[tie, {**tie, "prompt": 1}]),
+               SpecResult(**base, lossless_checked=False)]
+    rows = format_table(cfgs, results).splitlines()[2:]
+    assert "  yes (1 tie)  " in rows[0] and "  yes (2 ties) " in rows[1] and "  n/a  " in rows[2]
+    assert results[0].to_dict()["numerical_ties"] == [tie] and results[1].to_dict()["num_numerical_ties"] == 2
+    m = metrics_of(cfgs, results)
+    assert m["eval/chain_k3/numerical_ties"] == 1 and m["eval/chain_k4/numerical_ties"] == 2
+    assert "eval/chain_k5/numerical_ties" not in m  # not checked (temperature > 0): no count to report
+
+
+@pytest.mark.parametrize("flag, value", [("--num-prompts", "0"), ("--num-prompts", "-3"), ("--k", "0"),
+                                         ("--max-new-tokens", "0"), ("--tree-depth", "0")])
+def test_cli_rejects_bad_counts_before_loading(flag, value, capsys, monkeypatch):
+    monkeypatch.setattr(eval_job, "load_target", lambda *a: pytest.fail("loaded the target"))
+    with pytest.raises(SystemExit) as err:
+        eval_job.main(["--draft", "nowhere", "--target", TINY, "--prompts", "x.jsonl", flag, value])
+    assert err.value.code == 2
+    assert f"argument {flag}: got {value}, must be >= 1; pass a number >= 1" in capsys.readouterr().err
+
+
+def test_cli_unreachable_tracking_uri_names_eval_flag(monkeypatch):
+    monkeypatch.setattr(eval_job, "load_target", lambda *a: pytest.fail("loaded the target"))
+    with pytest.raises(ConnectionError) as err:
+        eval_job.main(["--draft", "nowhere", "--target", TINY, "--prompts", "x.jsonl",
+                  "--tracking-uri", "http://127.0.0.1:9"])
+    msg = str(err.value)
+    assert "MLflow tracking URI 'http://127.0.0.1:9' is unreachable" in msg
+    assert "pass a reachable --tracking-uri" in msg and "--set" not in msg
+
+
+def test_cli_bad_run_id(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match=r"--run-id 0123abc: no such run at --tracking-uri .*pass an existing run's id"):
+        eval_job.main(["--draft", "nowhere", "--target", TINY, "--prompts", "x.jsonl", "--tracking-uri", uri,
+                  "--run-id", "0123abc"])
+
+
+def test_no_chat_template(tiny, tmp_path, monkeypatch):
+    _, tok = tiny
+    monkeypatch.setattr(tok, "chat_template", None)
+    with pytest.raises(ValueError, match="no chat template.*use a chat/instruct target .* or add a chat_template"):
+        load_prompts(write_jsonl(tmp_path / "p.jsonl", RECORDS), tok)
+
+
+def test_cli_failed_eval_closes_its_mlflow_run(tmp_path, tiny, monkeypatch):
+    """A failure after the run was opened: FAILED with the error tagged; Ctrl-C: KILLED; --run-id's run untouched."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import open_run
+
+    target, _ = tiny
+    export = tiny_export(tmp_path, target)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    args = ["--draft", export, "--target", TINY, "--tracking-uri", uri, "--no-progress"]
+
+    def last_run(name):
+        exp = client.get_experiment_by_name("aerie").experiment_id
+        return client.search_runs([exp], filter_string=f"tags.`mlflow.runName` = '{name}'")[0]
+
+    with pytest.raises(FileNotFoundError, match="prompts file"):
+        eval_job.main(args + ["--prompts", str(tmp_path / "missing.jsonl"), "--run-name", "fails"])
+    run = last_run("fails")
+    assert run.info.status == "FAILED" and "FileNotFoundError: prompts file" in run.data.tags["error"]
+
+    prompts = str(write_jsonl(tmp_path / "p.jsonl", RECORDS))
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_job, "run_configs", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        eval_job.main(args + ["--prompts", prompts, "--run-name", "stopped"])
+    assert last_run("stopped").info.status == "KILLED"
+
+    training = open_run(uri, "aerie", "training")  # RUNNING, e.g. the train job that asked for this eval
+    with pytest.raises(KeyboardInterrupt):
+        eval_job.main(args + ["--prompts", prompts, "--run-id", training.run_id])
+    run = client.get_run(training.run_id)
+    assert run.info.status == "RUNNING" and "error" not in run.data.tags

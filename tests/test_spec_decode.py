@@ -9,9 +9,11 @@ import torch
 from eagle3.attention import TTTKV
 from eagle3.model import DraftConfig, Eagle3Draft
 from eagle3.spec_decode import (
+    LOSSLESS_RTOL,
     BaselineRun,
     DraftTree,
     Eagle3Drafter,
+    LosslessError,
     SpecConfig,
     accept,
     evaluate,
@@ -168,11 +170,12 @@ def test_outputs_equal_slow_reference(target, cfg):
     res = evaluate(target, Oracle(target, noise=0.7), PROMPTS, cfg, aux_layer_ids=AUX, baseline=False)
     assert res.outputs == refs
     assert res.lossless_checked and res.baseline_seconds is not None
+    assert res.numerical_ties == [] and res.to_dict()["num_numerical_ties"] == 0  # exact agreement: no ties
     check_counts(res, cfg)
     assert 0 < res.accepted_per_pos[0] < res.verify_calls  # some, not all, accepted: the gather path ran
     assert 1.2 < res.tau < cfg.max_depth + 1
     real = evaluate(target, make_draft(target, draft_vocab=100), PROMPTS[:2], cfg, aux_layer_ids=AUX)
-    assert real.outputs == refs[:2]
+    assert real.outputs == refs[:2] and real.numerical_ties == []
     check_counts(real, cfg)
 
 
@@ -242,6 +245,81 @@ def test_sampling_reproducible(target):
         b = evaluate(target, Oracle(target, noise=1.0), PROMPTS[:2], cfg, aux_layer_ids=AUX, baseline=False)
         assert a.outputs == b.outputs and a.baseline_seconds is None
         check_counts(a, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lossless check tells rounding ties from real mismatches
+
+
+def near_tie_target(delta: float):
+    """A tiny target where token v's logit is token u's minus `delta` at every position (lm_head row v = row u, bias
+    -delta at v), u being the greedy token at generated position 1 of PROMPTS[0] and v one that greedy decoding never
+    emits (so the greedy outputs are those of the unmodified model). Returns (target, u, v, greedy outputs)."""
+    target = tiny_target("llama", seed=1)
+    refs = [slow_greedy(target, p, 10) for p in PROMPTS]
+    u = refs[0][1]
+    v = next(t for t in range(300) if all(t not in r for r in refs))
+    with torch.no_grad():
+        target.lm_head.weight[v] = target.lm_head.weight[u]
+        bias = torch.zeros(300)
+        bias[v] = -delta
+        target.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    assert [slow_greedy(target, p, 10) for p in PROMPTS] == refs
+    return target, u, v, refs
+
+
+def perturb_verify_forward(target, token: int, eps: float):
+    """Adds `eps` to `token`'s logit whenever the lm_head computes more than one row: the speculative verify forward
+    only (prefill and the tie check's forward keep one row, plain decoding computes one)."""
+    def hook(_module, _args, out):
+        if out.shape[1] == 1:
+            return out
+        out = out.clone()
+        out[..., token] += eps
+        return out
+
+    return target.lm_head.register_forward_hook(hook)
+
+
+def test_lossless_check_counts_rounding_ties():
+    """Verify path lifts v by 2δ over u (δ = tol/5): it picks v where the stepwise path picks u, first at position 1
+    of prompt 0. The fresh forward finds the two within tol: a tie, not an error, and prompt 0 is not compared on."""
+    tol = LOSSLESS_RTOL[torch.float32]  # max|logit| < 1 on this target, so tol = rtol * 1
+    target, u, v, refs = near_tie_target(delta=tol / 5)
+    assert target.lm_head(torch.randn(20, 64)).abs().max() < 1
+    cfg = SpecConfig(method="chain", num_draft_tokens=3, max_new_tokens=10)
+    handle = perturb_verify_forward(target, v, 2 * tol / 5)
+    try:
+        res = evaluate(target, make_draft(target), PROMPTS, cfg, aux_layer_ids=AUX)
+    finally:
+        handle.remove()
+    assert res.lossless_checked and res.outputs[0][:1] == refs[0][:1] and res.outputs[0][1] == v
+    first = res.numerical_ties[0]
+    assert (first["prompt"], first["position"], first["tokens"]) == (0, 1, [v, u])
+    assert first["gap"] == pytest.approx(tol / 5, rel=0.05) and first["tol"] == pytest.approx(tol)
+    assert first["margin"] == pytest.approx(first["gap"])  # v is the runner-up, δ below u
+    for tie, out, ref in zip(res.numerical_ties, res.outputs, refs):  # any other prompt: the same u/v tie
+        assert tie["tokens"] == [v, u] and out[:tie["position"]] == ref[:tie["position"]]
+    d = res.to_dict()
+    assert d["num_numerical_ties"] == len(res.numerical_ties) and d["numerical_ties"] == res.numerical_ties
+
+
+def test_lossless_check_raises_on_a_real_mismatch():
+    """The same construction with δ = 50 tol: the verify path's v is far below the top in the fresh forward."""
+    tol = LOSSLESS_RTOL[torch.float32]
+    target, u, v, _ = near_tie_target(delta=50 * tol)
+    cfg = SpecConfig(method="chain", num_draft_tokens=3, max_new_tokens=10)
+    handle = perturb_verify_forward(target, v, 100 * tol)
+    try:
+        with pytest.raises(LosslessError) as err:
+            evaluate(target, make_draft(target), PROMPTS, cfg, aux_layer_ids=AUX)
+    finally:
+        handle.remove()
+    msg = str(err.value)
+    assert f"prompt 0 differs from the target's greedy output at generated position 1: speculative [{v}" in msg
+    assert f"token {v} (speculative)" in msg and f"{u} (greedy)" in msg
+    assert "gap 0.001 > tol 2e-05" in msg and "real mismatch, not rounding" in msg
+    assert isinstance(err.value, AssertionError)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,6 +393,9 @@ def test_bad_inputs(target):
     with pytest.raises(AssertionError, match="prompt 1 differs .* position 2"):
         evaluate(target, draft, PROMPTS[:2], cfg, aux_layer_ids=AUX,
                  baseline=BaselineRun(outputs=bad, seconds=1.0, max_new_tokens=4, temperature=0.0))
+    with pytest.raises(LosslessError, match="prompt 0 differs .* position 3.*stops where the other goes on"):
+        evaluate(target, draft, PROMPTS[:2], cfg, aux_layer_ids=AUX,  # a greedy output cut short, as if by EOS
+                 baseline=BaselineRun(outputs=[good[0][:3], good[1]], seconds=1.0, max_new_tokens=4, temperature=0.0))
 
 
 def test_bootstrap_tau_interval():

@@ -1,0 +1,40 @@
+"""`make demo`'s own driver path, shortened: the smollm2-sharegpt-cpu preset (real SmolLM2-135M target, real
+ShareGPT, its dtype and its end-of-training evaluation) trains a few steps, exports, evaluates, prints the summary
+and leaves its MLflow run FINISHED with everything logged. The demo once died here, after training, in the
+evaluation; no test ran this path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from eagle3.export import load_draft
+from jobs import train
+from jobs.config import load_config
+
+
+def test_demo_preset_whole_driver_path(ray_local, tmp_path, capsys):
+    preset = load_config("smollm2-sharegpt-cpu")
+    assert preset.eval.enabled and preset.target.dtype == "bfloat16"  # what the shortened run below exercises
+    s = train.main(["--preset", "smollm2-sharegpt-cpu", "--set", f"output_dir={tmp_path}",
+                    "--set", "optim.max_steps=3", "--set", "data.max_samples=24",
+                    "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=8"])
+    err = capsys.readouterr().err
+    assert "[aerie] done" in err and "eval tau" in err.split("[aerie] done")[-1]
+    assert "eval_error" not in s, s.get("eval_error")
+    assert s["steps"] == 3 and s["eval_prompts"] == 2 and 1.0 <= s["eval_tau"] <= 6.0
+
+    client = MlflowClient(s["mlflow_uri"])
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "eval/tau" in run.data.metrics and run.data.metrics["eval/tau"] == s["eval_tau"]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "draft", "plots", "eval"} <= arts
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/eval.json", str(tmp_path))).read_text())
+    assert report["target_dtype"] == preset.eval.target_dtype and report["results"][0]["lossless_checked"]
+
+    draft = load_draft(s["export"])
+    assert draft.config.draft_vocab_size == 8192 and draft.config.hidden_size == 576
+    assert json.loads((tmp_path / "smollm2-sharegpt-cpu" / "summary.json").read_text())["run"] == "smollm2-sharegpt-cpu"

@@ -1,0 +1,209 @@
+"""Run state is always true: the MLflow run of a training job ends FINISHED, FAILED or KILLED whatever happens
+(bad input, a worker crash, Ctrl-C, SIGTERM, kill -9), nothing half-written is trusted, and a re-run of a name
+either resumes, reports "already finished", or refuses changed model settings.
+
+The signal tests run the real CLI (`python -m jobs.train`) in a subprocess with its own local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs import train
+from jobs.tracking import MlflowTracker, metric_history
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args(tmp, name, *extra):
+    return ["--preset", "tiny", "--set", f"output_dir={tmp}", "--set", f"name={name}", *extra]
+
+
+def runs_of(tmp, name):
+    db = tmp / name / "mlflow.db"
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("aerie")
+    return client.search_runs([exp.experiment_id], order_by=["attribute.start_time ASC"]) if exp else []
+
+
+def test_bad_data_opens_no_run(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": "not a list"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl"):
+        train.main(args(tmp_path, "bad", "--set", f"data.path={bad}", "--set", "data.on_bad_record=error"))
+    assert runs_of(tmp_path, "bad") == []  # the run opens only after the inputs were validated
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("state")
+    return tmp, train.main(args(tmp, "done"))
+
+
+def test_finished_run_artifacts_live_in_run_folder(finished_run):
+    tmp, s = finished_run
+    (run,) = runs_of(tmp, "done")
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp / "done" / "artifacts").as_uri()), run.info.artifact_uri
+    assert list((tmp / "done" / "artifacts").glob("*/artifacts/draft/model.safetensors"))
+    client = MlflowClient(s["mlflow_uri"])
+    assert {"draft", "plots", "summary.json", "config.yaml"} <= {a.path for a in client.list_artifacts(s["mlflow_run_id"])}
+
+
+def test_rerun_of_finished_run_reports_and_keeps_export(finished_run, capsys):
+    tmp, s = finished_run
+    export = Path(s["export"]) / "model.safetensors"
+    before = export.stat().st_mtime_ns
+    again = train.main(args(tmp, "done"))
+    assert again["mlflow_run_id"] == s["mlflow_run_id"] and export.stat().st_mtime_ns == before
+    assert "already finished" in capsys.readouterr().err
+    (run,) = runs_of(tmp, "done")
+    assert run.info.status == "FINISHED"  # not flipped back to RUNNING
+
+
+def test_rerun_with_changed_model_settings_is_refused(finished_run):
+    tmp, s = finished_run
+    export = Path(s["export"]) / "model.safetensors"
+    before = export.read_bytes()
+    with pytest.raises(ValueError) as err:
+        train.main(args(tmp, "done", "--set", "ttt.length=5", "--set", "export_format=speculators"))
+    assert "ttt.length 3 -> 5" in str(err.value) and "export_format 'vllm' -> 'speculators'" in str(err.value)
+    assert "--fresh" in str(err.value)
+    with pytest.raises(ValueError, match=r"draft\.vocab_size[\s\S]*--fresh"):
+        train.main(args(tmp, "done", "--set", "draft.vocab_size=1000"))
+    assert export.read_bytes() == before
+    assert [r.info.status for r in runs_of(tmp, "done")] == ["FINISHED"]
+
+
+def test_fresh_retrains_into_a_new_run(finished_run):
+    tmp, s = finished_run
+    new = train.main(args(tmp, "done", "--fresh", "--set", "ttt.length=2", "--set", "optim.max_steps=2"))
+    runs = runs_of(tmp, "done")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"] and new["mlflow_run_id"] == runs[1].info.run_id
+    assert json.loads((Path(new["export"]) / "config.json").read_text())  # the new export is complete
+    assert new["steps"] == 2
+
+
+def test_worker_crash_marks_run_failed_with_error(ray_local, tmp_path):
+    with pytest.raises(Exception, match="fault injection"):
+        train.main(args(tmp_path, "crash", "--set", "faults.crash_worker_at_step=2", "--set", "trainer.max_failures=0"))
+    (run,) = runs_of(tmp_path, "crash")
+    assert run.info.status == "FAILED" and "fault injection: worker crash at step 2" in run.data.tags["error"]
+
+
+def test_failed_evaluation_keeps_the_training(ray_local, tmp_path, monkeypatch):
+    import jobs.eval
+
+    def broken(*a, **k):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(jobs.eval, "eval_after_training", broken)
+    s = train.main(args(tmp_path, "evalfail", "--set", "eval.enabled=true", "--set", "optim.max_steps=2"))
+    assert s["eval_error"] == "RuntimeError: decoder exploded"
+    (run,) = runs_of(tmp_path, "evalfail")
+    assert run.info.status == "FINISHED" and "decoder exploded" in run.data.tags["eval.failed"]
+    client = MlflowClient(s["mlflow_uri"])
+    assert {"draft", "plots", "summary.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert json.loads((tmp_path / "evalfail" / "summary.json").read_text())["eval_error"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals: the real CLI in a subprocess
+
+
+def start_cli(tmp, name, *extra):
+    env = {**os.environ, "RAY_ADDRESS": "", "AERIE_CACHE": os.environ.get("AERIE_CACHE", str(Path.home() / ".cache" / "aerie"))}
+    cmd = [sys.executable, "-m", "jobs.train", *args(tmp, name, "--set", "optim.epochs=3", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(tmp, name, step, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        runs = runs_of(tmp, name)
+        if runs:
+            hist = MlflowClient(f"sqlite:///{tmp / name / 'mlflow.db'}").get_metric_history(runs[-1].info.run_id, "loss")
+            if hist and max(m.step for m in hist) >= step:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"run {name} did not reach step {step}")
+
+
+def latest_complete_step(tmp, name) -> int:
+    """Step of the newest complete checkpoint in the run's storage: the resume point. (Ray's registration snapshot
+    can lag behind the last checkpoint it finished copying when the driver is interrupted; the run resumes from the
+    newest complete one either way, see jobs.train.scan_checkpoints.)"""
+    from eagle3.checkpoint import verify_train_state
+    from jobs.train_loop import checkpoint_step
+
+    steps = []
+    for d in (tmp / name / "ray" / name).glob("checkpoint_*"):
+        try:
+            verify_train_state(d)
+            steps.append(checkpoint_step(d))
+        except (OSError, ValueError):
+            pass
+    assert steps, "no complete checkpoint"
+    return max(steps)
+
+
+def resume_and_check(tmp, name, resume_step):
+    """Re-running the same command resumes from the last registered checkpoint and finishes every step once."""
+    t0 = time.time() * 1000
+    proc = start_cli(tmp, name)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    (run,) = runs_of(tmp, name)
+    assert run.info.status == "FINISHED"
+    tracker = MlflowTracker(f"sqlite:///{tmp / name / 'mlflow.db'}", run.info.run_id)
+    hist = tracker.client.get_metric_history(run.info.run_id, "loss")
+    resumed = sorted(m.step for m in hist if m.timestamp >= t0)
+    assert resumed[0] == resume_step + 1, (resumed, resume_step)  # the resume point: last registered checkpoint
+    assert [s for s, _ in metric_history(tracker, "loss")] == list(range(1, 37))  # 12 batches x 3 epochs, one worker
+    assert run.data.metrics["samples_trained"] == 3 * 48  # every sample once per epoch, 3 epochs
+
+
+def test_ctrl_c_marks_killed_and_the_same_command_resumes(tmp_path):
+    proc = start_cli(tmp_path, "sigint", "--set", "trainer.checkpoint_every=3")
+    wait_for_step(tmp_path, "sigint", 7, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    (run,) = runs_of(tmp_path, "sigint")
+    assert run.info.status == "KILLED"
+    resume_and_check(tmp_path, "sigint", latest_complete_step(tmp_path, "sigint"))
+
+
+def test_kill_9_marks_killed_stops_ray_and_the_same_command_resumes(tmp_path):
+    proc = start_cli(tmp_path, "sigkill", "--set", "trainer.checkpoint_every=3")
+    wait_for_step(tmp_path, "sigkill", 7, proc)
+    driver = psutil.Process(proc.pid)
+    spawned = [p for p in driver.children(recursive=True) if "jobs.watchdog" not in " ".join(p.cmdline())]
+    assert spawned  # Ray's head processes and workers
+    proc.send_signal(signal.SIGKILL)  # nothing in-process runs: the watchdog must close the run and stop Ray
+    proc.wait(timeout=30)
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        runs = runs_of(tmp_path, "sigkill")
+        alive = [p for p in spawned if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if runs[0].info.status == "KILLED" and not alive:
+            break
+        time.sleep(1)
+    assert runs[0].info.status == "KILLED" and "died without closing the run" in runs[0].data.tags["error"]
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    resume_and_check(tmp_path, "sigkill", latest_complete_step(tmp_path, "sigkill"))
