@@ -180,7 +180,7 @@ def scan_checkpoints(cfg: JobConfig) -> str | None:
         registered = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
     newest_registered = max((checkpoint_step(root / n) for n in registered if (root / n).is_dir()), default=-1)
     adopt, adopt_step = None, newest_registered
-    for d in sorted(root.glob("checkpoint_*")):
+    for d in sorted(p for p in root.glob("checkpoint_*") if p.is_dir()):  # not the snapshot file
         try:
             verify_train_state(d)
         except (OSError, ValueError) as err:

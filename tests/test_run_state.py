@@ -151,7 +151,7 @@ def latest_complete_step(tmp, name) -> int:
     from jobs.train_loop import checkpoint_step
 
     steps = []
-    for d in (tmp / name / "ray" / name).glob("checkpoint_*"):
+    for d in (p for p in (tmp / name / "ray" / name).glob("checkpoint_*") if p.is_dir()):
         try:
             verify_train_state(d)
             steps.append(checkpoint_step(d))
@@ -207,3 +207,36 @@ def test_kill_9_marks_killed_stops_ray_and_the_same_command_resumes(tmp_path):
     assert runs[0].info.status == "KILLED" and "died without closing the run" in runs[0].data.tags["error"]
     assert not alive, [p.cmdline()[:2] for p in alive]
     resume_and_check(tmp_path, "sigkill", latest_complete_step(tmp_path, "sigkill"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Torn and unregistered checkpoints (no Ray: the folder layout Ray Train 2.60 writes)
+
+
+def test_torn_checkpoints_are_removed_and_an_unregistered_complete_one_is_adopted(tmp_path):
+    import shutil
+
+    from jobs.config import load_config
+    from tests.test_bad_files import cut, small_draft
+    import torch
+
+    from eagle3.checkpoint import save_train_state
+
+    cfg = load_config("tiny", overrides=[f"output_dir={tmp_path}", "name=torn"])
+    root = cfg.run_dir / "ray" / "torn"
+    draft = small_draft()
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    for step in (4, 8, 12):
+        save_train_state(root / f"checkpoint_{step:02d}", draft, opt, sched, {"step": step, "counters": {}})
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_04"}]}  # only step 4 registered
+    (root / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    cut(root / "checkpoint_12" / "optim.safetensors", 0.5)  # a full disk during Ray's copy
+    assert train.scan_checkpoints(cfg) == str(root / "checkpoint_08")  # complete, newer than the registered one
+    assert sorted(p.name for p in root.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_04", "checkpoint_08"]
+
+    shutil.rmtree(root / "checkpoint_08")
+    assert train.scan_checkpoints(cfg) is None  # the registered one is the newest: Ray resumes from it
+    cut(root / "checkpoint_04" / "draft.safetensors", 0.5)  # a registered one damaged afterwards: say so, loudly
+    with pytest.raises(ValueError, match=r"checkpoint_04/draft.safetensors is truncated .* delete it"):
+        train.scan_checkpoints(cfg)
