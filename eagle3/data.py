@@ -93,7 +93,8 @@ class DataConfig:
         # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
         # annotations themselves (types included) when it loads a run.
         if not isinstance(self.path, str) or Path(self.path).suffix not in (".json", ".jsonl"):
-            raise ValueError(f"data.path={self.path!r}: expected a path to a .json or .jsonl file")
+            hint = f"; {_PARQUET}" if isinstance(self.path, str) and Path(self.path).suffix == ".parquet" else ""
+            raise ValueError(f"data.path={self.path!r}: expected a path to a .json or .jsonl file{hint}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"data.max_length={self.max_length!r}: expected an int >= 2")
         if self.overlong not in ("truncate", "drop"):

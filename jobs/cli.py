@@ -6,6 +6,7 @@ printed) or, with `--traceback`, to the console.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -36,9 +37,13 @@ def run_cli(entry: Callable[[list[str]], object], argv: list[str], prog: str = "
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - the CLI boundary: one readable line, the traceback kept
+        from jobs.config import ConfigError
+
         text = "".join(traceback.format_exception(err))
         where = ""
-        if show_traceback:
+        if isinstance(err, ConfigError):  # the message is the whole story
+            pass
+        elif show_traceback:
             print(text, file=sys.stderr)
         else:
             try:
@@ -48,10 +53,35 @@ def run_cli(entry: Callable[[list[str]], object], argv: list[str], prog: str = "
                 where = f"\n[{prog}] traceback: {log} (or re-run with --traceback)"
             except OSError:
                 where = f"\n[{prog}] re-run with --traceback for the traceback"
-        message = " ".join(str(err).split("\n")[0].split()) if str(err) else type(err).__name__
-        rest = "\n".join(str(err).split("\n")[1:])  # multi-line messages (several bad config fields) keep their lines
-        print(f"[{prog}] error: {message}" + (f"\n{rest}" if rest else "") + where, file=sys.stderr)
+        _flush_ray_logs()  # Ray's forwarded worker logs first, so that this line ends the output
+        print(f"[{prog}] error: {one_line(err)}" + where, file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing text of an error. A Ray worker failure carries the worker's whole traceback in its message:
+    keep its last line (the worker's own exception). Multi-line messages of our own (several bad config fields)
+    keep their lines."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    if "Traceback (most recent call last)" in text:
+        causes = [ln.strip() for ln in text.splitlines() if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln.strip())]
+        head = " ".join(text.splitlines()[0].split())
+        return f"{head} {causes[-1]}" if causes else head
+    first, *rest = text.split("\n")
+    return " ".join(first.split()) + ("\n" + "\n".join(rest) if rest else "")
+
+
+def _flush_ray_logs() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 - already shutting down
+                pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -388,6 +388,10 @@ def _describe(err: dict) -> str:
     if kind == "dataclass_type":
         known = ", ".join(f.name for f in dataclasses.fields(section))
         return f"{path}={value!r}: should be a section, a mapping of {known}"
+    if kind == "tuple_type":  # e.g. optim.betas=0.9
+        items = typing.get_args(section)
+        n = "" if Ellipsis in items else f"{len(items)} "
+        return f"{path}={value!r}: should be a list of {n}values, e.g. [{', '.join(['...'] * (len(items) if n else 1))}]"
     should = {
         "bool_type": "should be true or false",
         "dict_type": "should be a mapping",

@@ -416,4 +416,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs.cli import run_cli
+
+    run_cli(main, sys.argv[1:], prog="aerie eval")

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)  # marks the run KILLED if this process is SIGKILLed
     try:
         with sigterm_as_interrupt():
-            if not ray.is_initialized():
+            started_ray = not ray.is_initialized()
+            if started_ray:
                 ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
             watchdog.watch_pids(local_ray_pids())
             group = start_target_actors(cfg.target)
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise
     finally:
         watchdog.done()
+    if started_ray:
+        ray.shutdown()  # flushes the workers' forwarded logs, so the summary is the last thing printed
     print_summary(summary, cfg)
     return summary
 
@@ -119,11 +122,13 @@ def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> 
 # Run folder state: what a re-run of the same name finds
 
 
+HORIZON = ("optim.epochs", "optim.max_steps", "optim.max_target_tokens")  # where a run stops: changing it extends
+
+
 def write_run_config(cfg: JobConfig) -> None:
-    """<run_dir>/config.yaml: the settings the run was started with (a re-run is compared against them)."""
-    path = cfg.run_dir / "config.yaml"
-    if not path.exists():
-        atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """<run_dir>/config.yaml: the run's settings (a re-run is compared against them; check_rerun has made sure that
+    only settings outside the model's, such as HORIZON, can differ from the ones it started with)."""
+    atomic_write(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
@@ -132,7 +137,8 @@ def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
     - nothing there (or `fresh`: its checkpoints, export and summary are removed first): train;
     - started with settings that change the model or its export: refuse, naming them (mixing them would corrupt
       the checkpoint or the export);
-    - finished with the same model settings: return its summary (nothing to do, export untouched);
+    - finished with the same model settings and HORIZON: return its summary (nothing to do, export untouched);
+    - finished, but asked to go further (more epochs or steps): train on, resuming from its final checkpoint;
     - unfinished (crashed, killed): train, resuming from its last registered checkpoint."""
     run_dir = cfg.run_dir
     if fresh:
@@ -157,7 +163,12 @@ def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
             f"would mix them in one checkpoint/export. Choose another --set name=..., or pass --fresh to discard "
             f"that run's checkpoints and export and train again")
     summary = run_dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else None
+    if not summary.exists():
+        return None
+    if all(was.get(k) == now.get(k) for k in HORIZON):
+        return json.loads(summary.read_text())
+    summary.unlink()  # a finished run extended (more epochs or steps): it resumes and is unfinished until it ends
+    return None
 
 
 def scan_checkpoints(cfg: JobConfig) -> str | None:
@@ -379,7 +390,10 @@ def print_summary(s: dict, cfg: JobConfig) -> None:
         f"  simulated tau  {1 + s.get('sim_accept_len', 0.0):.3f}  (1 + sum_k prod_j<=k acc_j)",
         f"  target resends {int(s.get('stream_resent', 0))} of {int(s.get('stream_requests', 0))} requests",
         *([f"  eval tau       {s['eval_tau']:.3f}  ({s['eval_config']}, {s['eval_prompts']} held-back prompts, "
-           f"speed-up {s['eval_speedup']:.2f}x)"] if "eval_tau" in s else []),
+           f"{s.get('eval_target_dtype', 'float32')} target, speed-up {s['eval_speedup']:.2f}x, lossless"
+           + (f"; {s['eval_numerical_ties']} numerical tie(s))" if s.get("eval_numerical_ties") else ")")]
+          if "eval_tau" in s else []),
+        *([f"  eval           FAILED: {s['eval_error'][:300]}"] if "eval_error" in s else []),
         f"  export         {s['export']}",
         f"  MLflow         mlflow ui --backend-store-uri {s['mlflow_uri']}   (run {s['mlflow_run_id']})",
     ]
@@ -389,4 +403,4 @@ def print_summary(s: dict, cfg: JobConfig) -> None:
 if __name__ == "__main__":
     from jobs.cli import run_cli
 
-    run_cli(main, sys.argv[1:])
+    run_cli(main, sys.argv[1:], prog="aerie train")

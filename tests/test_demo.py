@@ -21,8 +21,8 @@ def test_demo_preset_whole_driver_path(ray_local, tmp_path, capsys):
     s = train.main(["--preset", "smollm2-sharegpt-cpu", "--set", f"output_dir={tmp_path}",
                     "--set", "optim.max_steps=3", "--set", "data.max_samples=24",
                     "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=8"])
-    err = capsys.readouterr().err
-    assert "[aerie] done" in err and "eval tau" in err.split("[aerie] done")[-1]
+    console = capsys.readouterr()
+    assert "[aerie] done" in console.err and "eval tau" in console.out and "lossless" in console.out
     assert "eval_error" not in s, s.get("eval_error")
     assert s["steps"] == 3 and s["eval_prompts"] == 2 and 1.0 <= s["eval_tau"] <= 6.0
 

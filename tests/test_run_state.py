@@ -87,6 +87,17 @@ def test_rerun_with_changed_model_settings_is_refused(finished_run):
     assert [r.info.status for r in runs_of(tmp, "done")] == ["FINISHED"]
 
 
+def test_more_epochs_extend_a_finished_run(finished_run, capsys):
+    tmp, s = finished_run
+    more = train.main(args(tmp, "done", "--set", "optim.epochs=2"))  # 12 steps done, 24 asked for
+    assert more["mlflow_run_id"] == s["mlflow_run_id"] and more["steps"] == 24
+    tracker = MlflowTracker(s["mlflow_uri"], s["mlflow_run_id"])
+    assert [step for step, _ in metric_history(tracker, "loss")] == list(range(1, 25))
+    capsys.readouterr()
+    again = train.main(args(tmp, "done", "--set", "optim.epochs=2"))
+    assert again["steps"] == 24 and "already finished" in capsys.readouterr().err
+
+
 def test_fresh_retrains_into_a_new_run(finished_run):
     tmp, s = finished_run
     new = train.main(args(tmp, "done", "--fresh", "--set", "ttt.length=2", "--set", "optim.max_steps=2"))
@@ -183,7 +194,9 @@ def test_ctrl_c_marks_killed_and_the_same_command_resumes(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
-    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert "[aerie train] interrupted" in out, out[-3000:]
+    # No traceback from the driver (Ray's own processes may forward theirs, prefixed with their pid)
+    assert not [ln for ln in out.splitlines() if "Traceback" in ln and "pid=" not in ln], out[-3000:]
     (run,) = runs_of(tmp_path, "sigint")
     assert run.info.status == "KILLED"
     resume_and_check(tmp_path, "sigint", latest_complete_step(tmp_path, "sigint"))
@@ -240,3 +253,41 @@ def test_torn_checkpoints_are_removed_and_an_unregistered_complete_one_is_adopte
     cut(root / "checkpoint_04" / "draft.safetensors", 0.5)  # a registered one damaged afterwards: say so, loudly
     with pytest.raises(ValueError, match=r"checkpoint_04/draft.safetensors is truncated .* delete it"):
         train.scan_checkpoints(cfg)
+
+
+def test_cli_errors_are_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
+    from jobs.cli import run_cli
+    from jobs.config import ConfigError
+
+    monkeypatch.setenv("AERIE_CACHE", str(tmp_path))
+
+    def worker_failure(argv):
+        raise RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent "
+                           "call last):\n  File \"x.py\", line 1\nValueError: data.path x.jsonl: line 3 is bad\n")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(worker_failure, [], prog="aerie train")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 2, err
+    assert err[0] == ("[aerie train] error: Training failed due to worker errors: ValueError: data.path x.jsonl: "
+                      "line 3 is bad")
+    log = Path(err[1].split("traceback: ")[1].split(" (")[0])
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "worker_failure" in log.read_text()
+
+    with pytest.raises(SystemExit):
+        run_cli(worker_failure, ["--traceback"], prog="aerie train")  # the flag is taken off argv
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    def bad_config(argv):
+        raise ConfigError("invalid config:\n  optim.lr=-1: should be greater than 0")
+
+    with pytest.raises(SystemExit):
+        run_cli(bad_config, [])
+    assert capsys.readouterr().err == "[aerie] error: invalid config:\n  optim.lr=-1: should be greater than 0\n"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(interrupted, [])
+    assert exit_.value.code == 130 and "marked KILLED" in capsys.readouterr().err
