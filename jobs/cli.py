@@ -31,8 +31,9 @@ def run_cli(entry: Callable[[list[str]], object], argv: list[str], prog: str = "
         entry(argv)
     except KeyboardInterrupt as err:
         why = f" ({err})" if str(err) else ""
-        print(f"\n[{prog}] interrupted{why}; the MLflow run is marked KILLED. Run the same command again to resume "
-              "from the last checkpoint.", file=sys.stderr)
+        after = (" An open MLflow run is marked KILLED; run the same command again to resume from the last checkpoint."
+                 if prog.endswith("train") else "")
+        print(f"\n[{prog}] interrupted{why}.{after}", file=sys.stderr)
         raise SystemExit(130) from None
     except SystemExit:
         raise

@@ -139,8 +139,14 @@ def check_store(uri: str):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any transport error means: unreachable
+        why = " ".join(str(err).split())[:160]
+        if db is not None and not any(w in str(err).lower() for w in ("not a database", "malformed", "alembic",
+                                                                      "migration", "no such table", "revision")):
+            raise RuntimeError(
+                f"the embedded MLflow store {db} cannot be opened ({type(err).__name__}: {why}); check that the "
+                f"folder is writable and that no other process holds the file, or pass --set tracking.uri=..."
+            ) from err
         if db is not None:
-            why = " ".join(str(err).split())[:160]
             raise RuntimeError(
                 f"the embedded MLflow store {db} cannot be opened ({type(err).__name__}: {why}); it is "
                 f"damaged (e.g. written by an older MLflow, or by a run killed while creating it): move it away (its "
@@ -153,9 +159,10 @@ def check_store(uri: str):
     return client
 
 
-def open_run(uri: str, experiment: str, run_name: str, *, artifact_root: Path | None = None,
-             fresh: bool = False) -> MlflowTracker:
-    """Create (or resume, for a resubmitted run name: the newest run of that name) the MLflow run, status RUNNING.
+def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
+             artifact_root: Path | None = None, fresh: bool = False) -> MlflowTracker:
+    """Create or resume an MLflow run, status RUNNING: `run_id` resumes that run (a new one if it is gone);
+    otherwise `fresh` creates a new run, and the default resumes the newest run named `run_name`.
 
     `artifact_root`: where a NEW experiment keeps its artifacts; for a sqlite store by default `artifacts/` next to
     the database (MLflow's default is ./mlruns of the current directory, which `ray job submit` deletes; a tracking
@@ -170,8 +177,16 @@ def open_run(uri: str, experiment: str, run_name: str, *, artifact_root: Path | 
     else:
         exp_id = client.create_experiment(experiment, artifact_location=artifact_root.absolute().as_uri()
                                           if artifact_root is not None else None)
-    runs = [] if fresh else client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
-                                               max_results=1, order_by=["attribute.start_time DESC"])
+    if run_id is not None:
+        try:
+            found = client.get_run(run_id)
+            runs = [found] if found.info.lifecycle_stage == "active" else []
+        except Exception:  # noqa: BLE001 - deleted or from another store: start a new run
+            runs = []
+    else:
+        runs = [] if fresh else client.search_runs(
+            [exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=1,
+            order_by=["attribute.start_time DESC"])
     run_id = runs[0].info.run_id if runs else client.create_run(exp_id, run_name=run_name).info.run_id
     if runs:
         client.update_run(run_id, status="RUNNING")

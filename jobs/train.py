@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -38,54 +39,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.preset, args.config, args.overrides)
-    finished = check_rerun(cfg, fresh=args.fresh)  # before anything is written or opened
-    if finished is not None:
-        print(f"[aerie] run {cfg.name!r} already finished with these settings; its export is untouched "
-              f"(--fresh trains it again)", file=sys.stderr, flush=True)
-        print_summary(finished, cfg)
-        return finished
+    with run_dir_lock(cfg):  # one driver per run name
+        state = check_rerun(cfg, fresh=args.fresh)  # before anything is written or opened
+        if state.finished is not None:
+            print(f"[aerie] run {cfg.name!r} already finished with these settings; its export is untouched "
+                  f"(--fresh trains it again)", file=sys.stderr, flush=True)
+            print_summary(state.finished, cfg)
+            return state.finished
 
-    import ray
+        import ray
 
-    from jobs.data_prep import prepare_data
-    from jobs.targets import start_target_actors
-    from jobs.tracking import check_store, close_run, open_run
-    from jobs.watchdog import Watchdog, local_ray_pids
+        from jobs.data_prep import prepare_data
+        from jobs.targets import start_target_actors
+        from jobs.tracking import check_store, close_run, open_run
+        from jobs.watchdog import Watchdog, local_ray_pids
 
-    check_store(cfg.tracking_uri())  # unreachable tracking fails in seconds, before tokenization
-    data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver: bad data fails here
-    print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; {len(data.batches)} batches",
-          flush=True)
-    write_run_config(cfg)
-    # Inputs are valid: from here on the run is open, and every way out of this block closes it with its true state.
-    tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name, fresh=args.fresh)
-    watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)  # marks the run KILLED if this process is SIGKILLed
-    try:
-        with sigterm_as_interrupt():
-            started_ray = not ray.is_initialized()
-            if started_ray:
-                ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-            watchdog.watch_pids(local_ray_pids())
-            group = start_target_actors(cfg.target)
+        check_store(cfg.tracking_uri())  # unreachable tracking fails in seconds, before tokenization
+        data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver: bad data fails here
+        print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; {len(data.batches)} batches",
+              flush=True)
+        # Inputs are valid: from here on the run is open, and every way out of this block closes it with its true state.
+        tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name, run_id=state.mlflow_run_id,
+                           fresh=True)  # a run folder resumes its own MLflow run, by id; else a new one
+        atomic_write(cfg.run_dir / RUN_ID_FILE, tracker.run_id)
+        write_run_config(cfg)
+        if state.extends:
+            (cfg.run_dir / "summary.json").unlink(missing_ok=True)  # unfinished again until the longer run ends
+        watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)  # marks the run KILLED if this process is SIGKILLed
+        started_ray = False
+        try:
+            with sigterm_as_interrupt():
+                started_ray = not ray.is_initialized()
+                if started_ray:
+                    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+                watchdog.watch_pids(local_ray_pids())
+                group = start_target_actors(cfg.target)
+                try:
+                    result, wall, draft_cfg = fit(cfg, group, data, tracker)
+                finally:
+                    group.shutdown()
+                export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
+                summary = finish_run(cfg, tracker, data, export_dir, wall)
+                close_run(tracker, "FINISHED")
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             try:
-                result, wall, draft_cfg = fit(cfg, group, data, tracker)
-            finally:
-                group.shutdown()
-            export_dir = export_from_checkpoint(cfg, draft_cfg, data, result.checkpoint)
-            summary = finish_run(cfg, tracker, data, export_dir, wall)
-        close_run(tracker, "FINISHED")
-    except KeyboardInterrupt as err:
-        close_run(tracker, "KILLED", err)
-        raise
-    except BaseException as err:
-        close_run(tracker, "FAILED", err)
-        raise
-    finally:
+                close_run(tracker, status, err)
+            except Exception as close_err:  # noqa: BLE001 - keep the real error; the watchdog retries the close
+                print(f"[aerie] could not mark the MLflow run {status} ({close_err}); the watchdog will retry",
+                      file=sys.stderr, flush=True)
+            else:
+                watchdog.done()
+            raise
         watchdog.done()
-    if started_ray:
-        ray.shutdown()  # flushes the workers' forwarded logs, so the summary is the last thing printed
-    print_summary(summary, cfg)
-    return summary
+        # Written last, once MLflow says FINISHED: a run folder with a summary is a finished run.
+        atomic_write(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if started_ray:
+            ray.shutdown()  # flushes the workers' forwarded logs, so the summary is the last thing printed
+        print_summary(summary, cfg)
+        return summary
 
 
 def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> dict:
@@ -114,7 +126,6 @@ def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> 
             print(f"[aerie] evaluation failed (training and export are kept): {summary['eval_error']}",
                   file=sys.stderr, flush=True)
     log_files(tracker, {"summary.json": json.dumps(summary, indent=2)})
-    atomic_write(cfg.run_dir / "summary.json", json.dumps(summary, indent=2))  # written last: the run is finished
     return summary
 
 
@@ -123,33 +134,52 @@ def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> 
 
 
 HORIZON = ("optim.epochs", "optim.max_steps", "optim.max_target_tokens")  # where a run stops: changing it extends
+RUN_ID_FILE = "mlflow_run_id"  # in the run folder: the MLflow run this folder's training logs into
+
+
+@dataclass
+class RunState:
+    """What a run name already holds (see check_rerun)."""
+
+    finished: dict | None = None  # the summary of a finished run that asks for nothing more
+    mlflow_run_id: str | None = None  # resume this MLflow run; None: open a new one
+    extends: bool = False  # a finished run asked to go further: its summary.json goes once the run is open
 
 
 def write_run_config(cfg: JobConfig) -> None:
     """<run_dir>/config.yaml: the run's settings (a re-run is compared against them; check_rerun has made sure that
-    only settings outside the model's, such as HORIZON, can differ from the ones it started with)."""
+    only settings outside the model's, such as HORIZON, can differ from those of its checkpoints)."""
     atomic_write(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
+def has_checkpoints(cfg: JobConfig) -> bool:
+    return any(p.is_dir() for p in (cfg.run_dir / "ray" / cfg.name).glob("checkpoint_*"))
+
+
+def check_rerun(cfg: JobConfig, fresh: bool) -> RunState:
     """What a run name already holds decides what this invocation does.
 
-    - nothing there (or `fresh`: its checkpoints, export and summary are removed first): train;
-    - started with settings that change the model or its export: refuse, naming them (mixing them would corrupt
-      the checkpoint or the export);
-    - finished with the same model settings and HORIZON: return its summary (nothing to do, export untouched);
-    - finished, but asked to go further (more epochs or steps): train on, resuming from its final checkpoint;
-    - unfinished (crashed, killed): train, resuming from its last registered checkpoint."""
+    - nothing there, or nothing trained yet (no checkpoint), or `fresh` (its checkpoints, export and summary are
+      removed first; MLflow keeps the old runs and their artifacts): train, into a new MLflow run;
+    - checkpoints made with settings that change the model or its export: refuse, naming them (mixing them would
+      corrupt the checkpoint or the export), or without a record of their settings: refuse;
+    - finished with the same model settings, and a HORIZON it has already reached: its summary (nothing to do,
+      export untouched);
+    - finished but asked to go further (more epochs or steps), or unfinished (crashed, killed): train on from the
+      newest complete checkpoint, into the same MLflow run."""
     run_dir = cfg.run_dir
     if fresh:
-        for name in ("ray", "export", "artifacts"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("summary.json", "config.yaml", "ttt_curves.png", "eval.json", ".crashed-once"):
+        shutil.rmtree(run_dir / "ray", ignore_errors=True)
+        shutil.rmtree(run_dir / "export", ignore_errors=True)
+        for name in ("summary.json", "config.yaml", RUN_ID_FILE, "ttt_curves.png", "eval.json", ".crashed-once"):
             (run_dir / name).unlink(missing_ok=True)
-        return None
+        return RunState()
     saved = run_dir / "config.yaml"
+    if not has_checkpoints(cfg):
+        return RunState()  # a run that died before its first checkpoint: start over, settings may change
     if not saved.exists():
-        return None
+        raise ValueError(f"run {cfg.name!r} in {run_dir} has checkpoints but no config.yaml recording their "
+                         f"settings (made by an older Aerie?); pass --fresh to train it again, or choose another name")
     try:
         old = yaml.safe_load(saved.read_text())
         was, now = flatten(old), flatten(to_dict(cfg))
@@ -162,13 +192,43 @@ def check_rerun(cfg: JobConfig, fresh: bool) -> dict | None:
             f"run {cfg.name!r} in {run_dir} was started with other model settings: {'; '.join(diff)}. Continuing "
             f"would mix them in one checkpoint/export. Choose another --set name=..., or pass --fresh to discard "
             f"that run's checkpoints and export and train again")
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        return None
-    if all(was.get(k) == now.get(k) for k in HORIZON):
-        return json.loads(summary.read_text())
-    summary.unlink()  # a finished run extended (more epochs or steps): it resumes and is unfinished until it ends
-    return None
+    run_id_file = run_dir / RUN_ID_FILE
+    state = RunState(mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None)
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if all(was.get(k) == now.get(k) for k in HORIZON) or not goes_further(cfg, summary):
+            return RunState(finished=summary)
+        state.extends = True
+    return state
+
+
+def goes_further(cfg: JobConfig, summary: dict) -> bool:
+    """Whether `cfg`'s horizon asks a finished run for more steps than it trained (a shorter one asks nothing)."""
+    if cfg.optim.max_target_tokens and summary.get("target_tokens", 0) >= cfg.optim.max_target_tokens:
+        return False
+    return planned_steps(cfg, summary["batches"]) > summary.get("steps", 0)
+
+
+@contextlib.contextmanager
+def run_dir_lock(cfg: JobConfig):
+    """An exclusive lock on the run folder while this driver uses it: a second driver for the same name (a
+    resubmitted job, a `--fresh` while it runs) would share its checkpoints and MLflow run."""
+    import fcntl
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RuntimeError(f"run {cfg.name!r} in {cfg.run_dir} is in progress ({holder}); wait for it, stop it, "
+                               f"or choose another --set name=...") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        lock.flush()
+        yield
 
 
 def scan_checkpoints(cfg: JobConfig) -> str | None:
@@ -184,13 +244,16 @@ def scan_checkpoints(cfg: JobConfig) -> str | None:
     root = cfg.run_dir / "ray" / cfg.name
     if not root.is_dir():
         return None
+    fresh = "pass --fresh to train the run again (or restore the file from a copy)"
     registered = set()
     snapshot = root / "checkpoint_manager_snapshot.json"
     if snapshot.exists():
-        snap = json.loads(snapshot.read_text())
-        registered = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
-    newest_registered = max((checkpoint_step(root / n) for n in registered if (root / n).is_dir()), default=-1)
-    adopt, adopt_step = None, newest_registered
+        try:
+            snap = json.loads(snapshot.read_text())
+            registered = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"Ray Train's checkpoint record {snapshot} cannot be read ({err}); {fresh}") from err
+    steps = {}
     for d in sorted(p for p in root.glob("checkpoint_*") if p.is_dir()):  # not the snapshot file
         try:
             verify_train_state(d)
@@ -199,9 +262,14 @@ def scan_checkpoints(cfg: JobConfig) -> str | None:
                 print(f"[aerie] removing torn checkpoint {d} ({str(err)[:120]})", file=sys.stderr, flush=True)
                 shutil.rmtree(d, ignore_errors=True)
                 continue
-            raise  # Ray would resume from it: say so (the message names the folder and the fix)
-        if d.name not in registered and checkpoint_step(d) > adopt_step:
-            adopt, adopt_step = str(d), checkpoint_step(d)
+            # Ray would resume from it, and deleting it by hand leaves Ray's record pointing at nothing.
+            raise ValueError(f"{err}. It is a registered checkpoint of run {cfg.name!r}: {fresh}") from err
+        steps[d.name] = checkpoint_step(d)
+    newest_registered = max((steps[n] for n in registered if n in steps), default=-1)
+    adopt, adopt_step = None, newest_registered
+    for name, step in steps.items():
+        if name not in registered and step > adopt_step:
+            adopt, adopt_step = str(root / name), step
     if adopt:
         print(f"[aerie] resuming from {adopt} (step {adopt_step}; complete, its registration was interrupted)",
               file=sys.stderr, flush=True)

@@ -58,7 +58,14 @@ def local_ray_pids() -> list[int]:
 
 
 def _guard(uri: str, run_id: str, driver_pid: int) -> None:
+    import signal
+
     import psutil
+
+    # `ray job stop` sends SIGTERM to the driver and all its descendants: the guard outlives that and exits on the
+    # driver's `done` or its death, whichever comes.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     watched: dict[int, float] = {}  # pid -> create_time (a reused pid is not ours)
 

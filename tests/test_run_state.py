@@ -71,6 +71,8 @@ def test_rerun_of_finished_run_reports_and_keeps_export(finished_run, capsys):
     assert "already finished" in capsys.readouterr().err
     (run,) = runs_of(tmp, "done")
     assert run.info.status == "FINISHED"  # not flipped back to RUNNING
+    shorter = train.main(args(tmp, "done", "--set", "optim.max_steps=5"))  # a horizon it has already passed
+    assert shorter["mlflow_run_id"] == s["mlflow_run_id"] and export.stat().st_mtime_ns == before
 
 
 def test_rerun_with_changed_model_settings_is_refused(finished_run):
@@ -184,6 +186,7 @@ def resume_and_check(tmp, name, resume_step):
     hist = tracker.client.get_metric_history(run.info.run_id, "loss")
     resumed = sorted(m.step for m in hist if m.timestamp >= t0)
     assert resumed[0] == resume_step + 1, (resumed, resume_step)  # the resume point: last registered checkpoint
+    assert resume_step % 3 == 0 and resume_step >= 6  # checkpoint_every=3, and the kill came after step 7
     assert [s for s, _ in metric_history(tracker, "loss")] == list(range(1, 37))  # 12 batches x 3 epochs, one worker
     assert run.data.metrics["samples_trained"] == 3 * 48  # every sample once per epoch, 3 epochs
 
@@ -251,7 +254,7 @@ def test_torn_checkpoints_are_removed_and_an_unregistered_complete_one_is_adopte
     shutil.rmtree(root / "checkpoint_08")
     assert train.scan_checkpoints(cfg) is None  # the registered one is the newest: Ray resumes from it
     cut(root / "checkpoint_04" / "draft.safetensors", 0.5)  # a registered one damaged afterwards: say so, loudly
-    with pytest.raises(ValueError, match=r"checkpoint_04/draft.safetensors is truncated .* delete it"):
+    with pytest.raises(ValueError, match=r"checkpoint_04/draft.safetensors is truncated .* registered .* --fresh"):
         train.scan_checkpoints(cfg)
 
 
@@ -289,5 +292,8 @@ def test_cli_errors_are_one_line_with_the_traceback_kept(tmp_path, monkeypatch, 
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as exit_:
-        run_cli(interrupted, [])
+        run_cli(interrupted, [], prog="aerie train")
     assert exit_.value.code == 130 and "marked KILLED" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(interrupted, [], prog="aerie eval")  # no checkpoints to resume from there
+    assert capsys.readouterr().err.strip() == "[aerie eval] interrupted."
