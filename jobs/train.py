@@ -268,8 +268,12 @@ def scan_checkpoints(cfg: JobConfig) -> str | None:
     newest_registered = max((steps[n] for n in registered if n in steps), default=-1)
     adopt, adopt_step = None, newest_registered
     for name, step in steps.items():
-        if name not in registered and step > adopt_step:
+        if name in registered:
+            continue
+        if step > adopt_step:
             adopt, adopt_step = str(root / name), step
+        elif step <= newest_registered:  # an adopted one that Ray's own bookkeeping never deletes
+            shutil.rmtree(root / name, ignore_errors=True)
     if adopt:
         print(f"[aerie] resuming from {adopt} (step {adopt_step}; complete, its registration was interrupted)",
               file=sys.stderr, flush=True)

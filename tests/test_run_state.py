@@ -243,7 +243,7 @@ def test_torn_checkpoints_are_removed_and_an_unregistered_complete_one_is_adopte
     draft = small_draft()
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    for step in (4, 8, 12):
+    for step in (2, 4, 8, 12):  # 2: adopted by an earlier resume, now older than Ray's newest registered one
         save_train_state(root / f"checkpoint_{step:02d}", draft, opt, sched, {"step": step, "counters": {}})
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_04"}]}  # only step 4 registered
     (root / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
@@ -259,10 +259,13 @@ def test_torn_checkpoints_are_removed_and_an_unregistered_complete_one_is_adopte
 
 
 def test_cli_errors_are_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
+    import jobs.cli
     from jobs.cli import run_cli
     from jobs.config import ConfigError
 
     monkeypatch.setenv("AERIE_CACHE", str(tmp_path))
+    # run_cli ends the process's Ray before printing; here that would be the test session's shared cluster
+    monkeypatch.setattr(jobs.cli, "_flush_ray_logs", lambda: None)
 
     def worker_failure(argv):
         raise RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent "
