@@ -344,17 +344,11 @@ def open_tracker(args: argparse.Namespace):
 
     from jobs.tracking import MlflowTracker, check_store, open_run
 
-    try:
-        if not args.run_id:
-            return open_run(args.tracking_uri, args.experiment, args.run_name or f"eval-{Path(args.draft).name}",
-                            fresh=True)  # every evaluation is its own run
-        check_store(args.tracking_uri)
-    except ConnectionError as err:  # its hint names the train job's --set tracking.uri
-        cause = err.__cause__ or err
-        raise ConnectionError(
-            f"MLflow tracking URI {args.tracking_uri!r} is unreachable ({type(cause).__name__}: {str(cause)[:200]}); "
-            f"start the server, pass a reachable --tracking-uri, or leave --tracking-uri out to evaluate without MLflow"
-        ) from err
+    fix = "start the server, pass a reachable --tracking-uri, or leave --tracking-uri out to evaluate without MLflow"
+    if not args.run_id:
+        return open_run(args.tracking_uri, args.experiment, args.run_name or f"eval-{Path(args.draft).name}",
+                        fresh=True, unreachable_fix=fix)  # every evaluation is its own run
+    check_store(args.tracking_uri, fix)
     tracker = MlflowTracker(args.tracking_uri, args.run_id)
     try:
         tracker.client.get_run(args.run_id)

@@ -128,9 +128,13 @@ def ensure_sqlite_store(uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_store(uri: str):
+TRAIN_URI_FIX = "start the server or pass --set tracking.uri=... (empty = embedded sqlite store in the run folder)"
+
+
+def check_store(uri: str, unreachable_fix: str = TRAIN_URI_FIX):
     """An MlflowClient for `uri` after checking it answers (and creating an embedded store atomically); raises a
-    clear error at once if it is unreachable or damaged. Creates no run: call before validating the inputs."""
+    clear error at once if it is unreachable (ending with `unreachable_fix`, which names the caller's own flag) or
+    damaged. Creates no run: call before validating the inputs."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
@@ -153,21 +157,22 @@ def check_store(uri: str):
                 f"metrics are lost) or choose another run name / --set tracking.uri=..."
             ) from err
         raise ConnectionError(
-            f"MLflow tracking URI {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); start the server "
-            f"or pass --set tracking.uri=... (empty = embedded sqlite store in the run folder)"
+            f"MLflow tracking URI {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); {unreachable_fix}"
         ) from err
     return client
 
 
 def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
-             artifact_root: Path | None = None, fresh: bool = False) -> MlflowTracker:
+             artifact_root: Path | None = None, fresh: bool = False,
+             unreachable_fix: str = TRAIN_URI_FIX) -> MlflowTracker:
     """Create or resume an MLflow run, status RUNNING: `run_id` resumes that run (a new one if it is gone);
     otherwise `fresh` creates a new run, and the default resumes the newest run named `run_name`.
 
     `artifact_root`: where a NEW experiment keeps its artifacts; for a sqlite store by default `artifacts/` next to
     the database (MLflow's default is ./mlruns of the current directory, which `ray job submit` deletes; a tracking
-    server keeps its own default). `fresh`: always a new run. Raises at once if `uri` is unreachable."""
-    client = check_store(uri)
+    server keeps its own default). `fresh`: always a new run. Raises at once if `uri` is unreachable (see
+    check_store)."""
+    client = check_store(uri, unreachable_fix)
     db = sqlite_path(uri)
     if artifact_root is None and db is not None:
         artifact_root = db.parent / "artifacts"
@@ -191,19 +196,6 @@ def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = N
     if runs:
         client.update_run(run_id, status="RUNNING")
     return MlflowTracker(uri, run_id)
-
-
-def run_status(uri: str, experiment: str, run_name: str) -> str | None:
-    """Status of the newest run named `run_name` (FINISHED, FAILED, KILLED, RUNNING), None if there is none."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
-                              max_results=1, order_by=["attribute.start_time DESC"])
-    return runs[0].info.status if runs else None
 
 
 def close_run(tracker: MlflowTracker, status: str, error: BaseException | None = None) -> None:
