@@ -44,8 +44,7 @@ _OPENAI = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant
 _LAYOUTS = f"expected one record per conversation, ShareGPT {_SHAREGPT} or OpenAI {_OPENAI}"
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}
-_PARQUET = ("Parquet is not supported yet: convert it to JSONL, e.g. "
-            "pandas.read_parquet(path).to_json('data.jsonl', orient='records', lines=True)")
+_PARQUET = "give it a .parquet name, which is read as Parquet"
 # First bytes of files that are not JSON text, and what to do with them.
 _MAGIC = {b"PAR1": f"a Parquet file; {_PARQUET}", b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)"}
 _BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE starts like UTF-16 LE
@@ -64,8 +63,11 @@ class DataError(ValueError):
 class DataConfig:
     """Where the conversations are and how they become samples."""
 
-    path: str
-    """A .jsonl file (one conversation per line) or a .json list; ShareGPT or OpenAI-messages records."""
+    path: str | list[str]
+    """Conversations in ShareGPT or OpenAI-messages layout: a .jsonl/.json/.parquet file, a glob, a Hugging Face
+    datasets folder (save_to_disk or hub layout), or a list of these (eagle3/sources.py)."""
+    split: str = "train"
+    """The split to read from a datasets folder that has several."""
     max_length: Annotated[int, Ge(2)] = 2048
     """Most tokens per sample (and per packed row)."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -88,13 +90,20 @@ class DataConfig:
     """Nucleus sampling threshold of regenerated responses."""
     regen_seed: Annotated[int, Ge(0)] = 0
     """Sampling seed; request i samples with regen_seed + i, so runs and resumes are reproducible."""
+    regen_batch_size: Annotated[int, Ge(1)] = 32
+    """Conversations per generate call of `aerie regenerate` (batch regeneration into a stored dataset)."""
+    tokenizer_workers: Annotated[int, Ge(1)] | None = None
+    """Ray Data tokenizer actors that build the token store; None = one per CPU of the cluster (at most 64)."""
+    store_dir: str | None = None
+    """Where token stores live (one folder per dataset + tokenizer + settings); None = $AERIE_CACHE/tokens. On a
+    cluster this must be a folder every node sees (a shared filesystem)."""
 
     def __post_init__(self):
         # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
         # annotations themselves (types included) when it loads a run.
-        if not isinstance(self.path, str) or Path(self.path).suffix not in (".json", ".jsonl"):
-            hint = f"; {_PARQUET}" if isinstance(self.path, str) and Path(self.path).suffix == ".parquet" else ""
-            raise ValueError(f"data.path={self.path!r}: expected a path to a .json or .jsonl file{hint}")
+        paths = [self.path] if isinstance(self.path, str) else self.path
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"data.path={self.path!r}: expected a path, a glob or a list of them")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"data.max_length={self.max_length!r}: expected an int >= 2")
         if self.overlong not in ("truncate", "drop"):
@@ -208,7 +217,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict | DataError]]:
     """
     path = Path(path)
     if path.suffix == ".parquet":
-        raise ValueError(f"{path}: {_PARQUET}")
+        raise ValueError(f"{path}: a Parquet file is read by eagle3.sources.read_part, not as JSON text")
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: expected a .json or .jsonl file")
     _check_text(path)
@@ -487,10 +496,25 @@ def tokenize_conversation(
     return Sample(sample_id=sample_id, input_ids=torch.tensor(ids, dtype=torch.long), loss_mask=mask)
 
 
+def encode_record(record: dict | DataError, tokenizer, special_ids: frozenset[int], cfg: DataConfig
+                  ) -> tuple[list[int], torch.Tensor, bool] | None:
+    """One record as (ids, loss mask, truncated), None when over-long and dropped; raises DataError for a record
+    that cannot be trained on. The one place the record rules live: load_samples and the Ray Data tokenizer
+    (jobs/ingest.py) both call it."""
+    if isinstance(record, DataError):
+        raise record
+    ids, mask = _encode(record_messages(record), tokenizer, special_ids)
+    fitted = _fit(ids, mask, cfg.max_length, cfg.overlong)
+    if fitted is None:
+        return None
+    return fitted[0], fitted[1], len(fitted[0]) < len(ids)
+
+
 def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
-    """Read, tokenize and mask every conversation in ``cfg.path``; see DataStats for what was dropped."""
+    """Read, tokenize and mask every conversation of one file, in memory, on one core; see DataStats for what was
+    dropped. The reference the distributed token store (jobs/ingest.py) is tested against."""
     _check_tokenizer(tokenizer)
-    path = Path(cfg.path)
+    path = Path(cfg.path if isinstance(cfg.path, str) else cfg.path[0])
     if not path.is_file():
         raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
     special_ids = _special_ids(tokenizer)
@@ -504,20 +528,17 @@ def load_samples(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
         stats.records_seen += 1
         sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
         try:
-            if isinstance(record, DataError):
-                raise record
-            ids, mask = _encode(record_messages(record), tokenizer, special_ids)
+            fitted = encode_record(record, tokenizer, special_ids, cfg)
         except DataError as e:
             if cfg.on_bad_record == "skip":
                 stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
                 continue
             raise DataError(f"{path}: {record_location(path, index, record)}: {e}; {_SKIP_HINT}", e.reason) from e
-        fitted = _fit(ids, mask, cfg.max_length, cfg.overlong)
         if fitted is None:
             stats.dropped_overlong += 1
             continue
-        stats.truncated += len(fitted[0]) < len(ids)
-        ids, mask = fitted
+        ids, mask, truncated = fitted
+        stats.truncated += truncated
         samples.append(Sample(sample_id=sample_id, input_ids=torch.tensor(ids, dtype=torch.long), loss_mask=mask))
         stats.kept += 1
         stats.total_tokens += len(ids)

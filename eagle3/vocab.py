@@ -81,6 +81,16 @@ def build_vocab_map(
                 f"target vocab [0, {vocab_size}); is vocab_size the target tokenizer's?"
             )
         counts += torch.bincount(ids, minlength=vocab_size)
+    return vocab_map_from_counts(counts, draft_vocab_size)
+
+
+def vocab_map_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> VocabMap:
+    """The map of the ``draft_vocab_size`` most frequent ids of ``counts`` ([vocab] loss-token counts)."""
+    vocab_size = len(counts)
+    if not 0 < draft_vocab_size <= vocab_size:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size}: expected 1..{vocab_size} (the target vocab_size); "
+                         "the draft vocabulary is a subset of the target's")
+    counts = counts.long()
     # Stable descending sort keeps equal counts in id order: ties (and the unseen fill) go to lower ids.
     used = torch.sort(counts, descending=True, stable=True).indices[:draft_vocab_size].sort().values
     t2d = torch.zeros(vocab_size, dtype=torch.bool)

@@ -455,7 +455,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 _MODEL_SECTIONS = ("draft", "ttt", "optim", "data")
 _MODEL_KEYS = {"export_format", "target.model", "target.aux_layer_ids", "target.dtype", "trainer.num_workers"}
 _NOT_MODEL_KEYS = {"ttt.attention_kernel", "ttt.grad_checkpoint", "optim.bf16", "optim.max_steps", "optim.epochs",
-                   "optim.max_target_tokens", "data.on_bad_record"}
+                   "optim.max_target_tokens", "data.on_bad_record", "data.tokenizer_workers", "data.store_dir"}
 
 
 def model_settings_diff(old: dict, new: dict) -> list[str]:
@@ -471,7 +471,8 @@ def model_settings_diff(old: dict, new: dict) -> list[str]:
     over fp32 master weights, target.backend, placement and resources); where the run stops (optim.max_steps,
     optim.epochs, optim.max_target_tokens: extending a run is what resuming is for, though a new horizon also
     stretches or shrinks the cosine decay of the remaining steps); data.on_bad_record (skip or error does not
-    change what a run that got going trained on); name, output_dir, tracking, faults and eval.
+    change what a run that got going trained on); data.tokenizer_workers and data.store_dir (who tokenizes, where
+    the token store lives); name, output_dir, tracking, faults and eval.
     A key present in only one of the dicts (a field added or removed between versions) counts as differing."""
     a, b = flatten(old), flatten(new)
     keys = {k for k in a.keys() | b.keys()

@@ -8,27 +8,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from actors.hf_backend import chat_template_id
 from actors.models import cache_root, resolve_model
 from actors.protocol import GenerationParams, RegenRequest
 from actors.regenerate import prompt_ids, prompt_turns
-from eagle3.data import (
-    Batch, DataConfig, DataError, DataStats, collate, iter_records, load_samples, pack, record_location,
-    record_messages,
-)
-from eagle3.vocab import VocabMap, data_fingerprint, load_or_build_vocab_map
+from eagle3.data import Batch, DataConfig, DataError, DataStats, _check_tokenizer, record_messages
+from eagle3.sources import Part, iter_source_records, part_location, resolve_parts, sample_id
+from eagle3.token_store import StoreBatches, TokenStore, build_index
+from eagle3.vocab import VocabMap, vocab_map_from_counts
 from jobs.config import JobConfig
+
+STAMP = "aerie_regenerated.json"  # written by jobs.regenerate next to the dataset it made
 
 
 @dataclass
 class PreparedData:
-    batches: list[Batch] | list[RegenRequest]  # in file order; each epoch shuffles the batch order
+    batches: Sequence[Batch] | list[RegenRequest]  # in file order (lazy, read from the token store); each epoch
+    # shuffles the batch order
     stats: DataStats  # of the samples, or with data.regenerate of the prompts (kept = conversations)
     vocab: VocabMap
     vocab_size: int  # the tokenizer's
+    store: TokenStore | None = None
+    stamp: dict | None = None  # a regenerated dataset's stamp (target, tokenizer, sampling), if it has one
 
 
 def load_tokenizer(model: str):
@@ -38,48 +46,77 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(resolve_model(model))
 
 
-def prepare_data(cfg: JobConfig) -> PreparedData:
-    """Tokenize `cfg.data`, make batches (packed rows or padded rows; RegenRequests with data.regenerate) and the
-    cached draft vocab map (always from the dataset's own responses)."""
-    path = Path(cfg.data.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {path} not found; set data.path to a .json or .jsonl file")
-    tok = load_tokenizer(cfg.target.model)
-    samples, stats = load_samples(cfg.data, tok)
-    if not samples:
-        raise ValueError(f"dataset {path} gave no trainable samples ({stats.summary()}); check the file and data.*")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    rows = cfg.optim.rows_per_batch
-    if cfg.data.regenerate:
-        batches, stats = regen_requests(cfg.data, tok)
-        if not batches:
-            raise ValueError(f"dataset {path} gave no prompts to regenerate ({stats.summary()}); check data.*")
-    elif cfg.data.pack:
-        batches = pack(samples, cfg.data.max_length, rows_per_batch=rows, pad_token_id=pad)
-    else:
-        batches = [collate(samples[i : i + rows], pad) for i in range(0, len(samples), rows)]
-    # The vocab map depends on the file, on every setting that changes which tokens are loss tokens, and the
-    # tokenizer; all of it goes into the cache key.
-    settings = json.dumps([data_fingerprint(path), cfg.data.max_length, cfg.data.overlong, cfg.data.max_samples])
+def tokenizer_identity(tok) -> str:
+    """Size, chat template and vocabulary digest: two tokenizers with one identity tokenize alike."""
     vocab_digest = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
-    tokenizer_id = f"{len(tok)}:{chat_template_id(tok)}:{vocab_digest}"
-    vocab = load_or_build_vocab_map(
-        cache_root() / "vocab", hashlib.sha256(settings.encode()).hexdigest(), tokenizer_id, len(tok),
-        cfg.draft.vocab_size, lambda: ((s.input_ids, s.loss_mask) for s in samples),
-    )
-    return PreparedData(batches=batches, stats=stats, vocab=vocab, vocab_size=len(tok))
+    return f"{len(tok)}:{chat_template_id(tok)}:{vocab_digest}"
 
 
-def regen_requests(cfg: DataConfig, tokenizer) -> tuple[list[RegenRequest], DataStats]:
+def prepare_data(cfg: JobConfig) -> PreparedData:
+    """Tokenize `cfg.data` into the token store (Ray Data, cached by data + tokenizer + settings; Ray must be
+    initialized), and lay out its batches (packed or padded rows; RegenRequests with data.regenerate) and the draft
+    vocab map (always from the dataset's own responses). The driver holds the store's index, not its tokens."""
+    import ray
+
+    from jobs.ingest import build_store
+
+    if not ray.is_initialized():
+        raise RuntimeError("prepare_data tokenizes with Ray Data: call ray.init(...) first")
+    parts = resolve_parts(cfg.data.path, cfg.data.split)  # a bad path fails before any tokenizer loads
+    folder = resolve_model(cfg.target.model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    _check_tokenizer(tok)
+    root = Path(cfg.data.store_dir) if cfg.data.store_dir else cache_root() / "tokens"
+    store = build_store(cfg.data, str(folder), tokenizer_identity(tok), len(tok), root, parts=parts)
+    stats = store.stats
+    if not stats.kept:
+        raise ValueError(f"data.path={cfg.data.path!r} gave no trainable samples ({stats.summary()}); check the "
+                         "files and data.*")
+    vocab = vocab_map_from_counts(torch.from_numpy(store.counts()), cfg.draft.vocab_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if cfg.data.regenerate:
+        batches, stats = regen_requests(cfg.data, tok, parts)
+        if not batches:
+            raise ValueError(f"data.path={cfg.data.path!r} gave no prompts to regenerate ({stats.summary()}); "
+                             "check data.*")
+    else:
+        index = build_index(store, pack=cfg.data.pack, max_length=cfg.data.max_length,
+                            rows_per_batch=cfg.optim.rows_per_batch)
+        batches = StoreBatches(store, index, pad)
+    stamp = read_stamp(parts)
+    if stamp is not None and stamp.get("target") != cfg.target.model:
+        print(f"[aerie] warning: data.path was regenerated by target {stamp.get('target')!r} "
+              f"({stamp.get('sampling')}), but this run trains against target {cfg.target.model!r}; its responses are "
+              "not this target's own", file=sys.stderr, flush=True)
+    return PreparedData(batches=batches, stats=stats, vocab=vocab, vocab_size=len(tok), store=store, stamp=stamp)
+
+
+def read_stamp(parts: Sequence[Part]) -> dict | None:
+    """The regeneration stamp of the folder the dataset's files are in (jobs.regenerate writes it), if any."""
+    for folder in dict.fromkeys(Path(p.path).parent for p in parts):
+        for f in (folder / STAMP, folder.parent / STAMP):
+            if f.is_file():
+                try:
+                    return json.loads(f.read_text())
+                except (OSError, json.JSONDecodeError):
+                    return None
+    return None
+
+
+def regen_requests(cfg: DataConfig, tokenizer, parts: Sequence[Part] | None = None
+                   ) -> tuple[list[RegenRequest], DataStats]:
     """The records' system/user turns in requests of `cfg.regen_conversations` (one training step each).
 
     Records follow load_samples' rules (on_bad_record, max_samples); one whose first prompt alone fills max_length
     is dropped as over-long (its reply would be cut away). Request i samples with seed regen_seed + i.
     """
-    path = Path(cfg.path)
     prompts: list[tuple[str, list[dict[str, str]]]] = []
     stats = DataStats()
-    for index, record in iter_records(path):
+    parts = resolve_parts(cfg.path, cfg.split) if parts is None else parts
+    files = list(dict.fromkeys(p.path for p in parts))
+    for part, index, record in iter_source_records(parts):
         if isinstance(record, DataError) and record.reason == "incomplete_tail":
             stats.incomplete_tail += 1
             continue
@@ -94,12 +131,12 @@ def regen_requests(cfg: DataConfig, tokenizer) -> tuple[list[RegenRequest], Data
             if cfg.on_bad_record == "skip":
                 stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
                 continue
-            raise DataError(f"{path}: {record_location(path, index, record)}: {e}; or set data.on_bad_record=skip",
+            raise DataError(f"{part_location(part, index, record)}: {e}; or set data.on_bad_record=skip",
                             e.reason) from e
         if n >= cfg.max_length:
             stats.dropped_overlong += 1
             continue
-        prompts.append((str(record.get("id", index)), turns))
+        prompts.append((sample_id(record, index, files.index(part.path), len(files) > 1), turns))
         stats.kept += 1
         stats.total_tokens += n
         if cfg.max_samples is not None and stats.kept >= cfg.max_samples:

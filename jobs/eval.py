@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from eagle3.data import DataError, iter_records, record_messages
+from eagle3.data import DataError, record_messages
 from eagle3.spec_decode import SpecConfig, SpecResult, evaluate, target_decode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +38,7 @@ def prompt_messages(record: dict) -> list[dict[str, str]]:
     return [m for m in messages[:first_user] if m["role"] == "system"] + messages[first_user:cut]
 
 
-def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prompts: int | None = None,
+def load_prompts(path: str | Path | list[str], tokenizer, *, skip_records: int = 0, num_prompts: int | None = None,
                  max_prompt_tokens: int | None = None, on_bad_record: str = "error") -> tuple[list[list[int]], dict]:
     """Token ids of chat prompts (chat template, add_generation_prompt=True) from records skip_records.. of `path`.
 
@@ -46,9 +46,12 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
     record, or are skipped and counted with on_bad_record='skip'. Repeats of an earlier prompt are skipped and
     counted (ShareGPT splits long chats into records that share their first turn; a repeated prompt would weigh one
     text several times in τ). Returns (prompts, counts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found; give a .jsonl/.json of chat messages or ShareGPT")
+    from eagle3.sources import SourceError, iter_source_records, resolve_parts
+
+    try:
+        parts = resolve_parts(path if isinstance(path, (list, tuple)) else str(path), what="prompts file")
+    except SourceError as e:
+        raise FileNotFoundError(str(e)) from None
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the target's tokenizer has no chat template, so chat prompts cannot be built from the "
                          "records; use a chat/instruct target (e.g. builtin:smollm2-135m-instruct) or add a "
@@ -57,7 +60,7 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
     counts = {"records_skipped_by_offset": 0, "too_long": 0, "bad": 0, "duplicate": 0}
     distinct: set[tuple[int, ...]] = set()
     seen = 0
-    for index, record in iter_records(path):
+    for part, index, record in iter_source_records(parts):
         if isinstance(record, DataError) and record.reason == "incomplete_tail":
             continue
         seen += 1
@@ -72,8 +75,9 @@ def load_prompts(path: str | Path, tokenizer, *, skip_records: int = 0, num_prom
             if on_bad_record == "skip":
                 counts["bad"] += 1
                 continue
-            where = f"line {index + 1}" if path.suffix == ".jsonl" else f"record {index}"
-            raise ValueError(f"{path}: {where}: {err}; fix it or pass --on-bad-record skip") from err
+            where = f"line {index + 1}" if part.kind == "jsonl" else ("row" if part.kind in ("parquet", "arrow")
+                                                                        else "record") + f" {index}"
+            raise ValueError(f"{part.path}: {where}: {err}; fix it or pass --on-bad-record skip") from err
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
             counts["too_long"] += 1

@@ -55,24 +55,28 @@ def main(argv: list[str] | None = None) -> dict:
         from jobs.watchdog import Watchdog, local_ray_pids
 
         check_store(cfg.tracking_uri())  # unreachable tracking fails in seconds, before tokenization
-        data = prepare_data(cfg)  # tokenize, batch, vocab map (cached) on the driver: bad data fails here
-        print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; {len(data.batches)} batches",
-              flush=True)
-        # Inputs are valid: from here on the run is open, and every way out of this block closes it with its true state.
-        tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name, run_id=state.mlflow_run_id,
-                           fresh=True)  # a run folder resumes its own MLflow run, by id; else a new one
-        atomic_write(cfg.run_dir / RUN_ID_FILE, tracker.run_id)
-        write_run_config(cfg)
-        if state.extends:
-            (cfg.run_dir / "summary.json").unlink(missing_ok=True)  # unfinished again until the longer run ends
-        watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)  # marks the run KILLED if this process is SIGKILLed
-        started_ray = False
+        # Started before Ray: if this driver is SIGKILLed, the guard stops the Ray processes it started (and, once
+        # the MLflow run is open, marks it KILLED).
+        watchdog = Watchdog(cfg.tracking_uri())
+        started_ray, tracker = False, None
         try:
             with sigterm_as_interrupt():
                 started_ray = not ray.is_initialized()
                 if started_ray:
                     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
                 watchdog.watch_pids(local_ray_pids())
+                # Ray Data tokenizes into the token store (cached); bad data fails here, before the run opens.
+                data = prepare_data(cfg)
+                print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; "
+                      f"{len(data.batches)} batches", flush=True)
+                # Inputs are valid: from here on the run is open, and every way out closes it with its true state.
+                tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, cfg.name, run_id=state.mlflow_run_id,
+                                   fresh=True)  # a run folder resumes its own MLflow run, by id; else a new one
+                watchdog.set_run(tracker.run_id)
+                atomic_write(cfg.run_dir / RUN_ID_FILE, tracker.run_id)
+                write_run_config(cfg)
+                if state.extends:
+                    (cfg.run_dir / "summary.json").unlink(missing_ok=True)  # unfinished until the longer run ends
                 group = start_target_actors(cfg.target)
                 try:
                     result, wall, draft_cfg = fit(cfg, group, data, tracker)
@@ -82,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
                 summary = finish_run(cfg, tracker, data, export_dir, wall)
                 close_run(tracker, "FINISHED")
         except BaseException as err:
+            if tracker is None:  # failed before the run opened: nothing to close
+                watchdog.done()
+                if started_ray:
+                    ray.shutdown()
+                raise
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             try:
                 close_run(tracker, status, err)

@@ -26,6 +26,7 @@ from eagle3.feedback import (Branches, DraftSamples, branch_feed, branch_targets
                              survival_weights)
 from eagle3.loss import simulated_accept_length, step_weights
 from eagle3.model import DraftConfig, Eagle3Draft
+from eagle3.token_store import ShardView
 from eagle3.target_head import TargetHead
 from eagle3.ttt import (StepLabels, TokenFeed, TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets,
                         ttt_unroll)
@@ -244,7 +245,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     targets, info = config["targets"], config["info"]
-    batches: list = ray.get(config["batches"])  # Batch, or RegenRequest with data.regenerate (same step count)
+    # A StoreBatches (an index over the token store, read lazily), or a RegenRequest list with data.regenerate.
+    batches = ray.get(config["batches"])
     vocab: VocabMap = config["vocab"]
     device = ray.train.torch.get_device()
     weights = ray.get(targets[0].frozen_weights.remote())
@@ -302,7 +304,9 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
         epoch, pos = divmod(step, per_epoch)
         shard = worker_shard(epoch_order(len(batches), cfg.optim.seed, epoch), rank, world)[pos:]
         shard = shard[: total - step]
-        stream = FeatureStream(targets, [batches[b] for b, _ in shard], depth=cfg.trainer.stream_depth, offset=rank)
+        # Lazy: a batch is read from the token store when the stream requests it, stream_depth ahead.
+        stream = FeatureStream(targets, ShardView(batches, [b for b, _ in shard]), depth=cfg.trainer.stream_depth,
+                               offset=rank)
         t_stream = t_last = time.perf_counter()
         seen_resent = seen_requests = 0
         for (b, real), tb, plan, relabel in _with_relabels(learner, relabels, zip(shard, stream), step):

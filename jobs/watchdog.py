@@ -3,7 +3,8 @@ a lost terminal), it marks the MLflow run KILLED and stops the local Ray process
 
 In-process handlers cover exceptions, Ctrl-C and SIGTERM (jobs/train.py); nothing in-process survives SIGKILL, so
 this small process watches the driver through a pipe. The driver writes `pid <n>` lines (Ray head processes it
-started) and `done` when it closed the run itself; EOF without `done` means the driver died.
+started), `run <id>` (the MLflow run, once open) and `done` when it closed the run itself; EOF without `done`
+means the driver died.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ POLL_S = 2.0  # how often the watchdog refreshes the set of Ray processes (their
 class Watchdog:
     """Driver side: starts the guard process and talks to it."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str | None = None) -> None:
         # Own session: a Ctrl-C in the terminal reaches the driver (which closes the run itself), not the guard.
-        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.watchdog", uri, run_id, str(os.getpid())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.watchdog", uri, str(os.getpid())],
                                      stdin=subprocess.PIPE, text=True, start_new_session=True)
+        if run_id is not None:
+            self.set_run(run_id)
+
+    def set_run(self, run_id: str) -> None:
+        """The MLflow run to mark KILLED if the driver dies (none until this is called: then only Ray is stopped)."""
+        self._send(f"run {run_id}\n")
 
     def watch_pids(self, pids: list[int]) -> None:
         """Processes to stop if the driver dies (with everything they spawned)."""
@@ -57,7 +64,7 @@ def local_ray_pids() -> list[int]:
     return [p.process.pid for procs in node.all_processes.values() for p in procs if p.process is not None]
 
 
-def _guard(uri: str, run_id: str, driver_pid: int) -> None:
+def _guard(uri: str, driver_pid: int) -> None:
     import signal
 
     import psutil
@@ -80,6 +87,7 @@ def _guard(uri: str, run_id: str, driver_pid: int) -> None:
 
     buf = ""
     roots: list[int] = []
+    run_id = None
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
         if ready:
@@ -93,6 +101,8 @@ def _guard(uri: str, run_id: str, driver_pid: int) -> None:
                     return
                 if line.startswith("pid "):
                     roots.append(int(line[4:]))
+                if line.startswith("run "):
+                    run_id = line[4:]
         refresh(roots)
     # The driver died without closing its run.
     procs = []
@@ -114,6 +124,8 @@ def _guard(uri: str, run_id: str, driver_pid: int) -> None:
             p.kill()
         except psutil.Error:
             pass
+    if run_id is None:
+        return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -129,4 +141,4 @@ def _guard(uri: str, run_id: str, driver_pid: int) -> None:
 
 
 if __name__ == "__main__":
-    _guard(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _guard(sys.argv[1], int(sys.argv[2]))

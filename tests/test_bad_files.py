@@ -106,15 +106,12 @@ def test_latin1_in_json_list(tmp_path):
     says(e, str(path), f"line {line}", "byte 0xe9", "is not UTF-8", "re-save it as UTF-8")
 
 
-def test_parquet_data_file(tmp_path):
-    with pytest.raises(ValueError) as e:  # `aerie eval --prompts x.parquet` (data.path is stopped by DataConfig)
-        iter_records(tmp_path / "d.parquet")
-    says(e, "d.parquet", "Parquet is not supported yet", "convert it to JSONL", "to_json")
-    misnamed = tmp_path / "d.jsonl"
+def test_parquet_bytes_under_a_json_name(tmp_path):
+    misnamed = tmp_path / "d.jsonl"  # .parquet files are read as Parquet (tests/test_sources.py)
     misnamed.write_bytes(b"PAR1" + bytes(64))
     with pytest.raises(DataError) as e:
         iter_records(misnamed)
-    says(e, str(misnamed), "is a Parquet file", "Parquet is not supported yet", "convert it to JSONL")
+    says(e, str(misnamed), "is a Parquet file", "give it a .parquet name")
 
 
 # ---------------------------------------------------------------- data files: wrong fields

@@ -249,7 +249,8 @@ def test_max_samples(tmp_path):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(path="d.txt"), "json or .jsonl"),
+        (dict(path=""), "a path, a glob or a list"),
+        (dict(path=[]), "a path, a glob or a list"),
         (dict(path="d.json", max_length=1), "max_length"),
         (dict(path="d.json", overlong="cut"), "overlong"),
         (dict(path="d.json", on_bad_record="ignore"), "on_bad_record"),

@@ -38,7 +38,7 @@ def golden_curve() -> dict[str, list[float]]:
     return out
 
 
-def test_golden_loss_curve():
+def test_golden_loss_curve(ray_local):  # the batches come from the token store (Ray Data)
     expected = json.loads(GOLDEN.read_text())
     got = golden_curve()
     assert len(got["loss"]) == STEPS
@@ -49,5 +49,8 @@ def test_golden_loss_curve():
 
 if __name__ == "__main__":
     if "--update" in sys.argv:
+        import ray
+
+        ray.init(address="local", include_dashboard=False)
         GOLDEN.write_text(json.dumps(golden_curve(), indent=1) + "\n")
         print(f"wrote {GOLDEN}")
