@@ -87,9 +87,13 @@ def build_vocab_map(
 def vocab_map_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> VocabMap:
     """The map of the ``draft_vocab_size`` most frequent ids of ``counts`` ([vocab] loss-token counts)."""
     vocab_size = len(counts)
-    if not 0 < draft_vocab_size <= vocab_size:
-        raise ValueError(f"draft_vocab_size={draft_vocab_size}: expected 1..{vocab_size} (the target vocab_size); "
-                         "the draft vocabulary is a subset of the target's")
+    if draft_vocab_size <= 0:
+        raise ValueError(f"draft_vocab_size={draft_vocab_size}: expected a positive number of tokens")
+    if draft_vocab_size > vocab_size:
+        raise ValueError(
+            f"draft_vocab_size={draft_vocab_size} is larger than the target vocab_size={vocab_size}; the draft "
+            f"vocabulary is a subset of the target's, so set draft_vocab_size <= {vocab_size}"
+        )
     counts = counts.long()
     # Stable descending sort keeps equal counts in id order: ties (and the unseen fill) go to lower ids.
     used = torch.sort(counts, descending=True, stable=True).indices[:draft_vocab_size].sort().values

@@ -245,7 +245,8 @@ def _run(cfg: DataConfig, tokenizer_dir: str, vocab_size: int, parts, folder: Pa
         status = cols["status"][-1]
         if ((status == BAD) | (status == FATAL)).any():
             break  # the earliest bad record seen so far is reported; no reason to tokenize the rest
-    out = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()}
+    empty = {"reason": object, "message": object, "shard": object, "truncated": bool}  # no record at all
+    out = {c: (np.concatenate(v) if v else np.zeros(0, empty.get(c, np.int64))) for c, v in cols.items()}
     out["counts"] = counts
     return out
 

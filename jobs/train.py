@@ -49,12 +49,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         import ray
 
+        from actors.models import resolve_model
+        from eagle3.sources import resolve_parts
         from jobs.data_prep import prepare_data
         from jobs.targets import start_target_actors
         from jobs.tracking import check_store, close_run, open_run
         from jobs.watchdog import Watchdog, local_ray_pids
 
         check_store(cfg.tracking_uri())  # unreachable tracking fails in seconds, before tokenization
+        # A data path that names nothing, or a missing target, fails before Ray starts.
+        resolve_parts(cfg.data.path, cfg.data.split)
+        resolve_model(cfg.target.model)
         # Started before Ray: if this driver is SIGKILLed, the guard stops the Ray processes it started (and, once
         # the MLflow run is open, marks it KILLED).
         watchdog = Watchdog(cfg.tracking_uri())
@@ -329,7 +334,10 @@ def fit(cfg: JobConfig, group, data, tracker):
         raise ValueError(f"tokenizer has {data.vocab_size} tokens but the target reports {info.vocab_size}")
     tracker.log_params({**flatten(to_dict(cfg)), **flatten(info.as_params(), "target_info."),
                         "data.batches": len(data.batches), "data.samples": data.stats.kept,
-                        "draft.vocab_coverage": data.vocab.coverage})
+                        "draft.vocab_coverage": data.vocab.coverage,
+                        **({"data.store": str(data.store.folder),
+                            "data.store_bytes_per_token": round(data.store.manifest["bytes_per_token"], 3)}
+                           if data.store is not None else {})})
     log_files(tracker, {"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)})
 
     t = cfg.trainer

@@ -111,6 +111,12 @@ def test_target_choices():
     assert "target.backend='sglang': should be 'hf' or 'vllm'" in error("target.backend=sglang")
 
 
+def test_data_path_forms():
+    assert "data.path='': expected a path, a glob or a list of them" in error('data.path=""')
+    assert "data.path=[]: expected a path, a glob or a list of them" in error("data.path=[]")
+    assert load_config("tiny", overrides=["data.path=[a.jsonl, 'b/*.parquet']"]).data.path == ["a.jsonl", "b/*.parquet"]
+
+
 def test_eval_target_dtype():
     assert load_config("tiny").eval.target_dtype == "float32"
     assert load_config("tiny", overrides=["eval.target_dtype=bfloat16"]).eval.target_dtype == "bfloat16"

@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from eagle3.export import load_draft
+from eagle3.sources import SourceError
 from jobs import train
 from jobs.config import load_config
 from jobs.tracking import MlflowTracker, metric_history
@@ -111,7 +112,7 @@ def test_unreachable_mlflow_fails_fast(tmp_path):
 
 
 def test_bad_inputs_fail_before_training(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset .* not found"):
+    with pytest.raises(SourceError, match="data.path=.*x.jsonl' does not exist"):
         train.main(["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", f"data.path={tmp_path}/x.jsonl"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
