@@ -25,7 +25,8 @@ from transformers import DynamicCache
 
 from actors.models import resolve_model, weights_fingerprint
 from actors.protocol import GenerationParams, RegenRequest
-from actors.regenerate import cut_at_stop, regenerate_features, stop_token_ids
+from actors.regenerate import (Answered, answer_conversations, cut_at_stop, regenerate_features,
+                               stop_token_ids)
 from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
 from eagle3.attention import packed_causal_bias
 from eagle3.data import Batch
@@ -131,6 +132,24 @@ def target_info(cfg: TargetConfig, folder, text_cfg, aux_layer_ids: tuple[int, .
     )
 
 
+GENERATE_GROUP = 16  # most prompts per HF generate call (one left-padded batch)
+
+
+def length_groups(lengths: list[int], max_group: int = GENERATE_GROUP, waste: float = 0.25) -> list[list[int]]:
+    """Indices grouped by length (ascending) so that each group's padding is at most `waste` of its padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        # Sorted ascending, so i would be the group's longest: padded size = len(i) × (group size + 1).
+        if g and len(g) < max_group and \
+                lengths[i] * (len(g) + 1) * (1 - waste) <= sum(lengths[j] for j in g) + lengths[i]:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def chat_template_id(tokenizer) -> str:
     template = tokenizer.chat_template or ""
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template else "none"
@@ -187,35 +206,46 @@ class HFTarget:
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[list[int]]:
         """Response ids per prompt, cut before the first stop token (EOS or the chat template's end of turn).
 
-        One left-padded HF `generate` over all prompts; temperature 0 is greedy, else seeded sampling (params.seed
-        on a forked RNG, so the caller's random state is untouched)."""
+        Prompts are sorted by length and cut into groups whose left padding stays under a quarter of their tokens
+        (at most GENERATE_GROUP prompts each): one left-padded HF `generate` per group, so a long prompt does not
+        make every short one prefill its padding. Temperature 0 is greedy, else seeded sampling (params.seed + group
+        index, on a forked RNG, so the caller's random state is untouched)."""
         from transformers import GenerationConfig
 
         if not prompts or not all(prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
         stops = stop_token_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(prompts), T, dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[b, T - len(p):] = torch.tensor(p)
-            mask[b, T - len(p):] = 1
         # A fresh config: the model's own generation_config may carry sampling defaults (top_k=50, penalties).
         sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0} \
             if params.temperature > 0 else {"do_sample": False}
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                                   **sampling)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(params.seed)
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=config)
-        replies = out[:, T:].tolist()
-        return [cut_at_stop(r, stops) for r in replies]
+        replies: list[list[int] | None] = [None] * len(prompts)
+        for g, group in enumerate(length_groups([len(p) for p in prompts])):
+            T = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), T), pad, dtype=torch.long)
+            mask = torch.zeros(len(group), T, dtype=torch.long)
+            for b, i in enumerate(group):  # left padding: every prompt ends where generation starts
+                ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[b, T - len(prompts[i]):] = 1
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(params.seed + g)
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=config)
+            for b, i in enumerate(group):
+                replies[i] = cut_at_stop(out[b, T:].tolist(), stops)
+        return replies
 
     def regenerate(self, request: RegenRequest) -> TargetBatch:
         """The target writes the request's assistant turns (`actors.regenerate`), then `forward` on the result."""
         return regenerate_features(request, self.tokenizer, self.generate, self.forward)
+
+    def answer(self, conversations: list[list[dict[str, str]]], params: GenerationParams, max_length: int) -> Answered:
+        """The conversations (system/user turns) with target-written replies, turn by turn, one `generate` per
+        turn index (`actors.regenerate.answer_conversations`): batch regeneration into a dataset
+        (jobs/regenerate.py)."""
+        return answer_conversations(conversations, self.tokenizer, self.generate, params, max_length)
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> TargetBatch:

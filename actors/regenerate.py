@@ -1,6 +1,8 @@
 """Online regeneration (DESIGN.md §4): the target writes every assistant turn, turn by turn, then the conversations
 become a training Batch with eagle3.data's own tokenisation (chat template, assistant-only loss mask, truncation,
-packing). Shared by every target backend: all it needs from one is its `generate`.
+packing). Shared by every target backend: all it needs from one is its `generate`. The answering loop alone
+(`answer_conversations`, the actors' `answer`) also serves batch regeneration into a stored dataset
+(jobs/regenerate.py).
 
 Multi-turn: reply 1 is generated from [system?, user 1], then [.., user 1, reply 1, user 2] gives reply 2, and so
 on; one `generate` call per turn index covers all conversations of the request that still have a user turn left.
@@ -67,24 +69,30 @@ def prompt_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def regenerate_batch(
+@dataclass(kw_only=True)
+class Answered:
+    """Conversations with target-written assistant turns (what `answer_conversations` and the actors' `answer`
+    return)."""
+
+    dialogs: list[list[dict[str, str]]]  # per conversation its turns [{"role", "content"}], replies included; cut
+    # before the first user turn that did not fit or got an empty reply (so possibly without any reply)
+    generated_tokens: int  # response tokens the target wrote, all turns and conversations (kept or not)
+    generate_seconds: float  # time spent inside `generate`
+
+
+def answer_conversations(
     conversations: Sequence[Sequence[dict[str, str]]],
-    sample_ids: Sequence[str],
     tokenizer,
     generate: GenerateFn,
     params: GenerationParams,
-    data: DataConfig,
-) -> Regenerated:
+    max_length: int,
+) -> Answered:
     """Let the target answer every user turn of `conversations` (system/user turns, see `prompt_turns`), turn by
-    turn, and tokenise the result into one Batch (data.pack: packed rows of data.max_length, else one row each).
+    turn: one `generate` call per turn index over the conversations that still have a user turn left, turn t
+    sampling with seed params.seed + _TURN_SEED_STRIDE * t.
 
-    A conversation stops before a user turn whose prompt already fills data.max_length (its reply would be cut
-    away) and before an empty reply (nothing to train on); one left without any reply is dropped. Raises
-    ValueError when no conversation of the request gives a trainable sample.
-    """
-    if len(conversations) != len(sample_ids) or not conversations:
-        raise ValueError(f"regenerate: {len(conversations)} conversations and {len(sample_ids)} sample ids; "
-                         "give one id per conversation, at least one conversation")
+    A conversation stops before a user turn whose prompt already fills `max_length` (its reply would be cut away)
+    and before an empty reply (nothing to train on); the dialogs end with the last reply written."""
     dialogs: list[list[dict[str, str]]] = [[] for _ in conversations]  # turns so far, replies included
     pending = [list(c) for c in conversations]  # turns not yet added
     generated, seconds, turn = 0, 0.0, 0
@@ -97,7 +105,7 @@ def regenerate_batch(
                 continue
             dialogs[c].append(pending[c].pop(0))
             ids = prompt_ids(dialogs[c], tokenizer)
-            if len(ids) >= data.max_length:
+            if len(ids) >= max_length:
                 dialogs[c].pop()
                 pending[c] = []
                 continue
@@ -119,7 +127,28 @@ def regenerate_batch(
                 continue
             dialogs[c].append({"role": "assistant", "content": text})
         turn += 1
+    return Answered(dialogs=dialogs, generated_tokens=generated, generate_seconds=seconds)
 
+
+def regenerate_batch(
+    conversations: Sequence[Sequence[dict[str, str]]],
+    sample_ids: Sequence[str],
+    tokenizer,
+    generate: GenerateFn,
+    params: GenerationParams,
+    data: DataConfig,
+) -> Regenerated:
+    """Let the target answer every user turn of `conversations` (`answer_conversations` with data.max_length) and
+    tokenise the result into one Batch (data.pack: packed rows of data.max_length, else one row each).
+
+    A conversation left without any reply is dropped. Raises ValueError when no conversation of the request gives
+    a trainable sample.
+    """
+    if len(conversations) != len(sample_ids) or not conversations:
+        raise ValueError(f"regenerate: {len(conversations)} conversations and {len(sample_ids)} sample ids; "
+                         "give one id per conversation, at least one conversation")
+    answered = answer_conversations(conversations, tokenizer, generate, params, data.max_length)
+    dialogs = answered.dialogs
     samples: list[Sample] = []
     for sid, dialog in zip(sample_ids, dialogs):
         if not any(m["role"] == "assistant" for m in dialog):
@@ -137,7 +166,8 @@ def regenerate_batch(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = (pack(samples, data.max_length, rows_per_batch=len(samples), pad_token_id=pad)[0] if data.pack
              else collate(samples, pad))
-    return Regenerated(batch=batch, generated_tokens=generated, generate_seconds=seconds)
+    return Regenerated(batch=batch, generated_tokens=answered.generated_tokens,
+                       generate_seconds=answered.generate_seconds)
 
 
 def cut_at_stop(reply: list[int], stops) -> list[int]:

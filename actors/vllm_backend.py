@@ -26,7 +26,8 @@ from actors.hf_backend import TargetConfig, target_info
 from actors.models import resolve_model
 from actors.protocol import (FrozenWeights, GenerationParams, RegenRequest, RelabelRequest, RelabelResult,
                              TargetBatch, TargetInfo)
-from actors.regenerate import cut_at_stop, regenerate_features, stop_token_ids
+from actors.regenerate import (Answered, answer_conversations, cut_at_stop, regenerate_features,
+                               stop_token_ids)
 from eagle3.data import Batch
 from eagle3.model import default_aux_layer_ids
 
@@ -164,6 +165,12 @@ class VLLMTarget:
     def regenerate(self, request: RegenRequest) -> TargetBatch:
         """The target writes the request's assistant turns (`actors.regenerate`), then `forward` on the result."""
         return regenerate_features(request, self.tokenizer, self.generate, self.forward)
+
+    def answer(self, conversations: list[list[dict[str, str]]], params: GenerationParams, max_length: int) -> Answered:
+        """The conversations (system/user turns) with target-written replies, turn by turn, one `generate` per
+        turn index (`actors.regenerate.answer_conversations`): batch regeneration into a dataset
+        (jobs/regenerate.py)."""
+        return answer_conversations(conversations, self.tokenizer, self.generate, params, max_length)
 
     def relabel(self, request: RelabelRequest) -> RelabelResult:
         raise NotImplementedError(

@@ -50,7 +50,11 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="aerie-bench-"))
     overrides = [f"output_dir={out_dir}", "name=bench", f"optim.max_steps={args.steps}", *args.overrides]
     cfg = load_config(args.preset, overrides=overrides)
+    import ray
+
+    ray.init(address="local", include_dashboard=False)  # the token store is built with Ray Data
     data = prepare_data(cfg)
+    ray.shutdown()  # the rest runs in this process
     batches = [data.batches[b] for b in epoch_order(len(data.batches), cfg.optim.seed, 0)[: args.steps]]
     tokens = [int(b.attention_mask.sum()) for b in batches]
 

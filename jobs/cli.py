@@ -1,4 +1,4 @@
-"""`aerie` command line: `aerie train ...`, `aerie eval ...` (see `python -m jobs.train --help`, `python -m jobs.eval --help`).
+"""`aerie` command line: `aerie train ...`, `aerie eval ...`, `aerie regenerate ...` (see `python -m jobs.<command> --help`).
 
 Errors reach the user as one line naming the problem and the fix; the traceback goes to a log file (its path is
 printed) or, with `--traceback`, to the console.
@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-COMMANDS = {"train": "jobs.train", "eval": "jobs.eval"}
+COMMANDS = {"train": "jobs.train", "eval": "jobs.eval", "regenerate": "jobs.regenerate"}
 
 
 def error_log_dir() -> Path:
@@ -31,8 +31,10 @@ def run_cli(entry: Callable[[list[str]], object], argv: list[str], prog: str = "
         entry(argv)
     except KeyboardInterrupt as err:
         why = f" ({err})" if str(err) else ""
-        after = (" An open MLflow run is marked KILLED; run the same command again to resume from the last checkpoint."
-                 if prog.endswith("train") else "")
+        after = {"train": " An open MLflow run is marked KILLED; run the same command again to resume from the last "
+                          "checkpoint.",
+                 "regenerate": " The parts written so far are kept; run the same command again to continue."
+                 }.get(prog.split()[-1], "")
         print(f"\n[{prog}] interrupted{why}.{after}", file=sys.stderr)
         raise SystemExit(130) from None
     except SystemExit:
