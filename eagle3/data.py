@@ -585,6 +585,28 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> Batch:
     return _rows_to_batch([[s] for s in samples], pad_token_id)
 
 
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing over sample lengths: longest first (stable, so equal lengths keep input order), each
+    into the fullest row that still has room. Sample positions per row. The token store lays out its packed
+    batches with it from lengths alone (eagle3/token_store.py)."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted; full rows are dropped from it
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        n = int(lengths[i])
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_length={max_length}")
+        j = bisect_left(free, (n, -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = max_length, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room > n:
+            insort(free, (room - n, r))
+    return rows
+
+
 def pack(samples: Iterable[Sample], max_length: int, *, rows_per_batch: int = 1, pad_token_id: int = 0) -> list[Batch]:
     """Pack whole samples into rows of at most ``max_length`` tokens, ``rows_per_batch`` rows per Batch.
 
@@ -598,16 +620,5 @@ def pack(samples: Iterable[Sample], max_length: int, *, rows_per_batch: int = 1,
     too_long = [s.sample_id for s in samples if len(s) > max_length]
     if too_long:
         raise ValueError(f"{len(too_long)} samples are longer than max_length={max_length} (e.g. {too_long[0]!r})")
-    rows: list[list[Sample]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted; full rows are dropped from it
-    for s in sorted(samples, key=len, reverse=True):
-        j = bisect_left(free, (len(s), -1))
-        if j < len(free):
-            room, r = free.pop(j)
-        else:
-            room, r = max_length, len(rows)
-            rows.append([])
-        rows[r].append(s)
-        if room > len(s):
-            insort(free, (room - len(s), r))
+    rows = [[samples[i] for i in row] for row in pack_rows([len(s) for s in samples], max_length)]
     return [_rows_to_batch(rows[i : i + rows_per_batch], pad_token_id) for i in range(0, len(rows), rows_per_batch)]

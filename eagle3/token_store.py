@@ -20,7 +20,6 @@ import os
 import shutil
 import socket
 import uuid
-from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eagle3.data import Batch, DataStats, Sample, _rows_to_batch
+from eagle3.data import Batch, DataStats, Sample, _rows_to_batch, pack_rows
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -190,27 +189,6 @@ class TokenStore:
         return Sample(sample_id=sid[r].as_py(),
                       input_ids=torch.from_numpy(ids[r].values.to_numpy().astype(np.int64)),
                       loss_mask=torch.from_numpy(mask[r].values.to_numpy().astype(bool)))
-
-
-def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """eagle3.data.pack's rows over sample lengths alone: best-fit decreasing, longest first (stable), each into
-    the fullest row with room. Returns sample positions per row; pack() over the same samples gives these rows."""
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
-        n = int(lengths[i])
-        if n > max_length:
-            raise ValueError(f"sample {i} has {n} tokens, more than max_length={max_length}")
-        j = bisect_left(free, (n, -1))
-        if j < len(free):
-            room, r = free.pop(j)
-        else:
-            room, r = max_length, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        if room > n:
-            insort(free, (room - n, r))
-    return rows
 
 
 def build_index(store: TokenStore, *, pack: bool, max_length: int, rows_per_batch: int) -> Path:

@@ -63,13 +63,7 @@ def build_vocab_map(
     if the data has fewer distinct tokens, the rest is filled with unseen ids, lowest first, so the map
     always has exactly draft_vocab_size entries.
     """
-    if draft_vocab_size <= 0:
-        raise ValueError(f"draft_vocab_size={draft_vocab_size}: expected a positive number of tokens")
-    if draft_vocab_size > vocab_size:
-        raise ValueError(
-            f"draft_vocab_size={draft_vocab_size} is larger than the target vocab_size={vocab_size}; the draft "
-            f"vocabulary is a subset of the target's, so set draft_vocab_size <= {vocab_size}"
-        )
+    _check_sizes(vocab_size, draft_vocab_size)  # before counting: a wrong size fails at once
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for input_ids, loss_mask in batches:
         ids = input_ids[loss_mask.bool()].long().cpu()
@@ -84,9 +78,7 @@ def build_vocab_map(
     return vocab_map_from_counts(counts, draft_vocab_size)
 
 
-def vocab_map_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> VocabMap:
-    """The map of the ``draft_vocab_size`` most frequent ids of ``counts`` ([vocab] loss-token counts)."""
-    vocab_size = len(counts)
+def _check_sizes(vocab_size: int, draft_vocab_size: int) -> None:
     if draft_vocab_size <= 0:
         raise ValueError(f"draft_vocab_size={draft_vocab_size}: expected a positive number of tokens")
     if draft_vocab_size > vocab_size:
@@ -94,6 +86,12 @@ def vocab_map_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> VocabM
             f"draft_vocab_size={draft_vocab_size} is larger than the target vocab_size={vocab_size}; the draft "
             f"vocabulary is a subset of the target's, so set draft_vocab_size <= {vocab_size}"
         )
+
+
+def vocab_map_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> VocabMap:
+    """The map of the ``draft_vocab_size`` most frequent ids of ``counts`` ([vocab] loss-token counts)."""
+    vocab_size = len(counts)
+    _check_sizes(vocab_size, draft_vocab_size)
     counts = counts.long()
     # Stable descending sort keeps equal counts in id order: ties (and the unseen fill) go to lower ids.
     used = torch.sort(counts, descending=True, stable=True).indices[:draft_vocab_size].sort().values

@@ -42,3 +42,25 @@ def tiny_target(kind: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), attn_implementation="sdpa")
     return model.eval()
+
+
+def stopping_chat_target(folder) -> None:
+    """Save into `folder` a random 2-layer Llama with SmolLM2's tokenizer whose greedy replies depend on the prompt
+    and end at <|im_end|> (id 2) at different lengths (the builtin tiny target repeats one token and never stops):
+    untied lm_head with init std 0.2 and the <|im_end|> row scaled up."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from actors.models import TINY, resolve_model
+
+    eot = 2
+    tok = AutoTokenizer.from_pretrained(resolve_model(TINY))
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32, vocab_size=len(tok), max_position_embeddings=2048,
+                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=eot,
+                      pad_token_id=eot)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[eot] *= 3
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)

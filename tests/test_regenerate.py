@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from actors.hf_backend import HFTarget, TargetConfig
 from actors.models import TINY, resolve_model
@@ -16,6 +16,7 @@ from actors.regenerate import prompt_turns, regenerate_batch, stop_token_ids
 from eagle3.data import DataConfig
 from jobs import train
 from jobs.data_prep import regen_requests
+from tests.targets import stopping_chat_target
 
 EOT = 2  # <|im_end|> in SmolLM2's tokenizer: its EOS and the chat template's end of turn
 
@@ -30,21 +31,9 @@ IDS = ["a", "b", "c", "d"]
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer whose greedy replies depend on the prompt and end at <|im_end|>
-    at different lengths (the builtin tiny target repeats one token and never stops): untied lm_head with
-    init std 0.2 and the <|im_end|> row scaled up."""
+    """tests.targets.stopping_chat_target as an HF target."""
     folder = tmp_path_factory.mktemp("regen-target")
-    tok = AutoTokenizer.from_pretrained(resolve_model(TINY))
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=32, vocab_size=len(tok), max_position_embeddings=2048,
-                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=EOT,
-                      pad_token_id=EOT)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight[EOT] *= 3
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    stopping_chat_target(folder)
     return HFTarget(TargetConfig(model=str(folder), aux_layer_ids=(0, 1, 1), num_threads=1))
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.models import TINY, resolve_model
 from eagle3.data import record_messages
 from eagle3.sources import iter_source_records, resolve_parts
 from jobs import cli
 from jobs import regenerate
 from jobs.data_prep import STAMP, read_stamp
+from tests.targets import stopping_chat_target
 
 EOT = 2  # <|im_end|>: SmolLM2's EOS and end of turn
 MAX_NEW = 16
@@ -55,20 +55,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer whose greedy replies depend on the prompt and stop at
-    <|im_end|> at different lengths (as in tests/test_regenerate.py)."""
+    """tests.targets.stopping_chat_target's folder."""
     folder = tmp_path_factory.mktemp("regen-job-target")
-    tok = AutoTokenizer.from_pretrained(resolve_model(TINY))
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=32, vocab_size=len(tok), max_position_embeddings=2048,
-                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=EOT,
-                      pad_token_id=EOT)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight[EOT] *= 3
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    stopping_chat_target(folder)
     return folder
 
 

@@ -10,14 +10,13 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from eagle3.data import DataConfig, DataError, collate, load_samples, pack
 from eagle3.token_store import MANIFEST, ShardView, StoreBatches, build_index, open_store, pack_rows, temp_folder
 from eagle3.vocab import build_vocab_map
-from tests.test_data import BAD, GOOD, chatml_tokenizer, sharegpt, write_jsonl
+from tests.test_data import BAD, chatml_tokenizer, sharegpt, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -187,15 +186,24 @@ def test_killed_builder_leaves_only_a_temp_folder_that_is_cleaned(tmp_path):
     assert open_store(tmp_path / "k", "k") is None
 
 
-def test_pack_rows_is_pack():
-    from tests.test_data import Sample
+def test_pack_rows_vs_naive_best_fit_decreasing():
+    """pack_rows (pack's rows, and the store's packed layout) against a plain O(n·rows) best-fit decreasing."""
+    def naive(lengths, cap):
+        rows, free = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep input order
+            fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+            if fits:  # the fullest row with room; among equally full rows the oldest
+                r = min(fits, key=lambda r: (free[r], r))
+            else:
+                r = len(rows)
+                rows.append([]), free.append(cap)
+            rows[r].append(i)
+            free[r] -= lengths[i]
+        return rows
 
     rng = random.Random(0)
-    lengths = [rng.randint(1, 100) for _ in range(500)]
-    samples = [Sample(sample_id=str(i), input_ids=torch.full((n,), i), loss_mask=torch.ones(n, dtype=torch.bool))
-               for i, n in enumerate(lengths)]
-    rows = pack(samples, 128, rows_per_batch=1, pad_token_id=0)
-    assert [[int(s) for s in b.sample_ids[0]] for b in rows] == pack_rows(lengths, 128)
+    for cap in (16, 128, 512):
+        lengths = [rng.randint(1, cap) for _ in range(400)]
+        assert pack_rows(lengths, cap) == naive(lengths, cap)
     with pytest.raises(ValueError, match="more than max_length"):
         pack_rows([10, 200], 128)
-    assert np.array_equal(np.sort(np.concatenate(pack_rows(lengths, 128))), np.arange(500))
