@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(chunks)} chunks of {cfg.data.regen_batch_size}, {len(done)} already written; target "
               f"{cfg.target.model} ({cfg.target.backend}) x {cfg.target.num_actors}; into {out}",
               file=sys.stderr, flush=True)
+        from jobs.watchdog import Watchdog, local_ray_pids
+
+        # kill -9 / OOM of this process: the guard marks the run KILLED and stops the Ray processes it started.
+        watchdog = Watchdog(cfg.tracking_uri(), tracker.run_id)
         try:
             import ray
 
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                         ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local",
                                  log_to_driver=True)
                         started_ray = True
+                        watchdog.watch_pids(local_ray_pids())
                     tracker.log_params({**flatten(to_dict(cfg)), "regenerate.out": str(out),
                                         "regenerate.chunks": len(chunks)})
                     run = {"generated_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}  # all parts written already
@@ -126,9 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
         except BaseException as err:  # the run is never left RUNNING
             try:
                 close_run(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", err)
-            except Exception as close_err:  # noqa: BLE001 - the job's own error is the one to see
+            except Exception as close_err:  # noqa: BLE001 - the job's own error is the one to see; the guard retries
                 print(f"[aerie regenerate] could not close MLflow run {tracker.run_id}: {close_err}", file=sys.stderr)
+            else:
+                watchdog.done()
             raise
+        watchdog.done()
         write_atomic(out / STAMP, json.dumps(stamp, indent=2).encode())  # last: a complete stamp = a finished job
     print(f"[aerie regenerate] done: {stamp['records']} records ({stamp['assistant_turns']} replies, "
           f"{stamp['response_tokens']} tokens) in {out}; this run generated {run['generated_tokens']} tokens in "
