@@ -181,8 +181,10 @@ def test_resumed_job_writes_the_same_bytes(clean, model_dir, source, tmp_path):
     assert records_of(out) != records_of(clean[0])
 
 
-def test_changed_settings_refused_and_complete_job_left_alone(clean, model_dir, source, capsys):
+def test_changed_settings_refused_and_complete_job_left_alone(clean, model_dir, source, capsys, monkeypatch):
     out, _ = clean
+    # run_cli ends the process's Ray before printing; here that would be the test session's shared cluster
+    monkeypatch.setattr(cli, "_flush_ray_logs", lambda: None)
     parts, stamp = parts_of(out), (out / STAMP).read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(regenerate.main, job_args(model_dir, source, out, "--set", "data.regen_seed=1",
