@@ -119,7 +119,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "aerie-data-scale"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
-    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--parts", default="throughput,scale,reference",
+                   help="which measurements (throughput, scale, reference, regenerate); results merge into an "
+                        "existing --out JSON")
     # child-process options
     p.add_argument("--child", choices=["build", "worker", "reference"])
     for a in ("path", "store", "handle"):
@@ -132,10 +134,17 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "max_length": args.max_length,
-              "throughput": [], "scale": []}
+    parts = args.parts.split(",")
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"cpus": os.cpu_count(), "max_length": args.max_length})
+    result.setdefault("commands", []).append(" ".join(sys.argv))
+    if "throughput" in parts:
+        result["throughput"] = []
+    if "scale" in parts:
+        result["scale"] = []
     tp = make_records(args.throughput_records, work / f"records-{args.throughput_records}.jsonl")
-    for w in (1, 2):
+    for w in ((1, 2) if "throughput" in parts else ()):
         store = Path(tempfile.mkdtemp(dir=work))  # fresh: a build, not a cache hit
         r = run_child("build", path=tp, store=store, handle=store / "h.pkl", workers=w, max_length=args.max_length)
         r["tokenizer_workers"] = w
@@ -143,7 +152,7 @@ def main() -> None:
         result["throughput"].append(r)
         print(f"throughput  workers={w}: {r['records']} records in {r['seconds']:.1f} s = "
               f"{r['records_per_s']:.0f} records/s ({r['tokens'] / r['seconds']:.0f} tokens/s)", flush=True)
-    for n in [int(x) for x in args.sizes.split(",")]:
+    for n in ([int(x) for x in args.sizes.split(",")] if "scale" in parts else []):
         data = make_records(n, work / f"records-{n}.jsonl")
         store = Path(tempfile.mkdtemp(dir=work))
         b = run_child("build", path=data, store=store, handle=store / "h.pkl", workers=2, max_length=args.max_length)
@@ -154,24 +163,30 @@ def main() -> None:
         print(f"scale {n:>7}: build {b['seconds']:.0f} s, store {b['store_mb']:.0f} MB "
               f"({b['bytes_per_token']:.2f} B/token), driver peak RSS {b['driver_peak_rss_mb']:.0f} MB, worker peak "
               f"RSS {w['worker_peak_rss_mb']:.0f} MB", flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    if not args.no_reference:
+        out.write_text(json.dumps(result, indent=1))
+    if "reference" in parts:
         n = int(args.sizes.split(",")[0])
         r = run_child("reference", path=work / f"records-{n}.jsonl", store=work, max_length=args.max_length)
         result["reference"] = {"conversations": n, **r}
         print(f"reference (in memory, 1 core) {n}: {r['seconds']:.0f} s, driver peak RSS "
               f"{r['driver_peak_rss_mb']:.0f} MB, pickled batches {r['pickled_batches_mb']:.0f} MB", flush=True)
 
+    if "regenerate" in parts:  # batch vs online regeneration on the same 32 prompts: benchmarks/regenerate.py
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "regenerate.py"), "--dtype", "bfloat16",
+               "--max-new-tokens", "64", "--threads", "1"]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        result["regenerate"] = json.loads((ROOT / "benchmarks" / "results" / "regenerate.json").read_text())
+
     lines = ["", "| conversations | build s | records/s | tokens | store MB | B/token | driver peak RSS MB | "
              "worker peak RSS MB | batches handle bytes |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["scale"]:
+    for r in result.get("scale", []):
         lines.append(f"| {r['conversations']:,} | {r['seconds']:.0f} | {r['records'] / r['seconds']:.0f} | "
                      f"{r['tokens']:,} | {r['store_mb']:.0f} | {r['bytes_per_token']:.2f} | "
                      f"{r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} | {r['handle_bytes']} |")
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
