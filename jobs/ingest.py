@@ -13,6 +13,7 @@ trusts and the next build removes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -35,10 +36,11 @@ _TOKENIZE_BATCH = 256  # records per tokenizer call (= samples per shard, at mos
 _WINDOW_MIN = 512  # records read per round when data.max_samples stops early
 
 
-def store_key(parts: Sequence[Part], tokenizer_id: str, cfg: DataConfig) -> str:
-    """What the samples depend on: the files' content, the tokenizer, and the sample settings."""
-    settings = [FORMAT, fingerprint(parts), tokenizer_id, cfg.max_length, cfg.overlong, cfg.on_bad_record,
-                cfg.max_samples]
+def store_key(parts: Sequence[Part], tokenizer_id: str, cfg: DataConfig, data_fingerprint: str | None = None) -> str:
+    """What the samples depend on: the files' content (`fingerprint(parts)` unless given), the tokenizer, and the
+    sample settings."""
+    settings = [FORMAT, data_fingerprint or fingerprint(parts), tokenizer_id, cfg.max_length, cfg.overlong,
+                cfg.on_bad_record, cfg.max_samples]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
@@ -198,7 +200,8 @@ def build_store(cfg: DataConfig, tokenizer_dir: str, tokenizer_id: str, vocab_si
     """The committed token store of `cfg` (built with Ray Data unless one with the same key exists). Ray must be
     initialized. Raises DataError naming file and record for a bad record (on_bad_record=error)."""
     parts = resolve_parts(cfg.path, cfg.split) if parts is None else parts
-    key = store_key(parts, tokenizer_id, cfg)
+    data_fingerprint = fingerprint(parts)  # reads every file once; the manifest records the same value
+    key = store_key(parts, tokenizer_id, cfg, data_fingerprint)
     final = Path(root) / key[:24]
     store = open_store(final, key)
     if store is not None:
@@ -209,7 +212,7 @@ def build_store(cfg: DataConfig, tokenizer_dir: str, tokenizer_id: str, vocab_si
     try:
         t0 = time.perf_counter()
         meta = _tokenize(cfg, tokenizer_dir, vocab_size, parts, tmp)
-        manifest = _finish(cfg, parts, key, tokenizer_id, meta, tmp, vocab_size)
+        manifest = _finish(cfg, parts, key, tokenizer_id, data_fingerprint, meta, tmp)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
         s = manifest["stats"]
         print(f"[aerie] token store {final}: {manifest['num_samples']} samples, {s['total_tokens']} tokens, "
@@ -231,7 +234,7 @@ def _run(cfg: DataConfig, tokenizer_dir: str, vocab_size: int, parts, folder: Pa
     ds = ray.data.read_datasource(ConversationSource(parts, window), num_cpus=0)
     ds = ds.map_batches(Tokenizer, batch_size=_TOKENIZE_BATCH, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, fn_constructor_kwargs={
-                            "tokenizer_dir": tokenizer_dir, "data": _plain(cfg), "parts": list(parts),
+                            "tokenizer_dir": tokenizer_dir, "data": dataclasses.asdict(cfg), "parts": list(parts),
                             "folder": str(folder), "vocab_size": vocab_size})
     cols: dict[str, list] = {c: [] for c in ("part", "index", "status", "reason", "message", "truncated", "length",
                                              "loss", "pos", "shard")}
@@ -249,12 +252,6 @@ def _run(cfg: DataConfig, tokenizer_dir: str, vocab_size: int, parts, folder: Pa
     out = {c: (np.concatenate(v) if v else np.zeros(0, empty.get(c, np.int64))) for c, v in cols.items()}
     out["counts"] = counts
     return out
-
-
-def _plain(cfg: DataConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _tokenize(cfg: DataConfig, tokenizer_dir: str, vocab_size: int, parts, folder: Path) -> dict:
@@ -279,7 +276,8 @@ def _tokenize(cfg: DataConfig, tokenizer_dir: str, vocab_size: int, parts, folde
         start, size = start + size, size * 2
 
 
-def _finish(cfg: DataConfig, parts, key: str, tokenizer_id: str, meta: dict, folder: Path, vocab_size: int) -> dict:
+def _finish(cfg: DataConfig, parts, key: str, tokenizer_id: str, data_fingerprint: str, meta: dict, folder: Path
+            ) -> dict:
     """File order, the first error, the max_samples cut, DataStats, samples/*.npy and counts; the manifest."""
     order = np.lexsort((meta["index"], meta["part"]))
     m = {c: meta[c][order] for c in meta if c != "counts"}
@@ -287,10 +285,7 @@ def _finish(cfg: DataConfig, parts, key: str, tokenizer_id: str, meta: dict, fol
     bad = np.flatnonzero((status == BAD) | (status == FATAL))
     if len(bad):
         j = bad[0]
-        reason = m["reason"][j]
-        if status[j] == FATAL:
-            raise DataError(m["message"][j], "fatal")
-        raise DataError(m["message"][j], reason)
+        raise DataError(m["message"][j], m["reason"][j])  # a FATAL row's reason is "fatal"
     real = status != TAIL
     kept_at = np.flatnonzero(status == KEPT)
     cut = len(status)
@@ -328,8 +323,8 @@ def _finish(cfg: DataConfig, parts, key: str, tokenizer_id: str, meta: dict, fol
             f.unlink()
     size = sum(s["bytes"] for s in shards)
     return {
-        "format": FORMAT, "key": key, "tokenizer_id": tokenizer_id, "fingerprint": fingerprint(parts),
-        "parts": [p.path for p in dict.fromkeys(parts)], "settings": _plain(cfg), "stats": vars(stats),
+        "format": FORMAT, "key": key, "tokenizer_id": tokenizer_id, "fingerprint": data_fingerprint,
+        "parts": list(dict.fromkeys(p.path for p in parts)), "settings": dataclasses.asdict(cfg), "stats": vars(stats),
         "num_samples": stats.kept, "shards": shards, "bytes": size,
         "bytes_per_token": size / max(int(m["length"][status == KEPT].sum()), 1), "created": time.time(),
     }
