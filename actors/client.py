@@ -1,7 +1,8 @@
 """The client a train worker uses to stream target features: several requests in flight over all target actors.
 
 Deterministic: batches come out in the order they were given, whatever actor answered first. Fault tolerant: a
-request whose actor died is sent again (to the least-loaded actor; Ray restarts the dead one in the background),
+request whose actor died is sent again (to the least-loaded live actor; Ray restarts the dead one in the
+background, and it gets requests again once it answers a ping: an actor whose node is gone may never come back),
 and every resend is counted, so each batch is delivered exactly once.
 """
 
@@ -19,6 +20,21 @@ from eagle3.data import Batch
 
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 RESTART_TIMEOUT_S = 900  # a restarted target reloads its weights
+HEALTH_CHECK_S = 5.0  # a request unanswered this long makes the stream ask Ray whether its actor is alive
+DEAD_AFTER_FAILED_PINGS = 10  # a restarting actor's ping waits; one that fails this often (1/s) is gone for good
+
+
+def actor_state(actor) -> str | None:
+    """Ray's view of an actor: ALIVE, RESTARTING, DEAD, ...; None if it cannot be read.
+
+    Reads the GCS actor table directly (ray._private.state): the public state API goes through the dashboard, which
+    a cluster may run without."""
+    try:
+        from ray._private.state import actors
+
+        return actors(actor_id=actor._actor_id.hex())["State"]
+    except Exception:  # noqa: BLE001 - best effort: the caller then keeps waiting as before
+        return None
 
 
 @dataclass
@@ -63,34 +79,64 @@ class FeatureStream:
         self._load = [0] * len(self.actors)
         self._done: dict[int, TargetBatch] = {}
         self._resends: dict[int, int] = {}
+        # Actors that failed a request: index -> (pending ping or None, when to ping again, failed pings in a row).
+        self._down: dict[int, tuple[ray.ObjectRef | None, float, int]] = {}
 
-    def _submit(self, i: int, avoid: int | None = None) -> None:
-        n = len(self.actors)
-        order = [(self.offset + i + j) % n for j in range(n)]
-        if avoid is not None and n > 1:
-            order.remove(avoid)
-        a = min(order, key=lambda j: self._load[j])  # least loaded; ties by the staggered round robin
-        if a == avoid:
-            # The only actor just failed: wait for Ray to restart it instead of burning resends on it.
-            self._wait_restarted(a)
+    def _submit(self, i: int) -> None:
+        a = self._pick(i)
         req, actor = self.batches[i], self.actors[a]
         ref = actor.regenerate.remote(req) if isinstance(req, RegenRequest) else actor.forward.remote(req)
         self._inflight[ref] = (i, a)
         self._load[a] += 1
         self.stats.requests += 1
 
-    def _wait_restarted(self, a: int) -> None:
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while True:
+    def _pick(self, i: int) -> int:
+        """The least-loaded live actor (ties by the staggered round robin). An actor whose request failed is down
+        until its ping answers: a call to an actor that Ray cannot restart (its node is gone and no other node has
+        room for its bundle) would wait forever. With every actor down, wait for the first to come back."""
+        self._refresh_down(timeout=0)
+        n = len(self.actors)
+        order = [(self.offset + i + j) % n for j in range(n) if (self.offset + i + j) % n not in self._down]
+        if not order:
+            self._wait_any_up()
+            return self._pick(i)
+        return min(order, key=lambda j: self._load[j])
+
+    def _mark_down(self, a: int) -> None:
+        if a not in self._down:
+            self._down[a] = (self.actors[a].ping.remote(), 0.0, 0)  # answers once Ray has restarted it
+
+    def _refresh_down(self, timeout: float) -> None:
+        """Bring back the down actors whose ping answered. A failed ping is sent again a second later: one sent
+        before Ray noticed the death fails like the requests did, while one sent to a restarting actor waits."""
+        now = time.monotonic()
+        for a, (ref, retry_at, fails) in list(self._down.items()):
+            if ref is None and now >= retry_at:
+                self._down[a] = (self.actors[a].ping.remote(), 0.0, fails)
+        pending = [ref for ref, _, _ in self._down.values() if ref is not None]
+        if not pending:
+            time.sleep(timeout)
+            return
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+        for a, (ref, _, fails) in list(self._down.items()):
+            if ref is None or ref not in ready:
+                continue
             try:
-                ray.get(self.actors[a].ping.remote(), timeout=RESTART_TIMEOUT_S)
-                return
-            except ActorUnavailableError:  # still restarting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-            except RayActorError as err:
-                raise RuntimeError(f"target actor {a} died and was not restarted (max_restarts spent?): {err}") from err
+                ray.get(ref)
+                del self._down[a]  # restarted (or alive after all)
+            except ACTOR_FAILURES:
+                self._down[a] = (None, time.monotonic() + 1.0, fails + 1)
+
+    def _wait_any_up(self) -> None:
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while len(self._down) == len(self.actors):
+            if all(fails >= DEAD_AFTER_FAILED_PINGS for _, _, fails in self._down.values()):
+                raise RuntimeError(f"every target actor is dead: each failed {DEAD_AFTER_FAILED_PINGS} pings in a "
+                                   f"row (max_restarts spent, or the actor crashes on start; see its log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"all {len(self.actors)} target actors are down and none came back within "
+                                   f"{RESTART_TIMEOUT_S}s (no node has room to restart them?)")
+            self._refresh_down(timeout=1.0)
 
     def __iter__(self) -> Iterator[TargetBatch]:
         nxt_submit = 0
@@ -100,8 +146,11 @@ class FeatureStream:
                 nxt_submit += 1
             t0 = time.perf_counter()
             while i not in self._done:
-                ready, _ = ray.wait(list(self._inflight), num_returns=1)
-                self._collect(ready[0])
+                ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=HEALTH_CHECK_S)
+                if ready:
+                    self._collect(ready[0])
+                else:
+                    self._check_health()
             self.stats.wait_seconds += time.perf_counter() - t0
             out = self._done.pop(i)
             self._account(out)
@@ -117,7 +166,24 @@ class FeatureStream:
             if self._resends[i] > self.max_resends:
                 raise RuntimeError(f"target request for batch {i} failed {self._resends[i]} times; last: {err}") from err
             self.stats.resent += 1
-            self._submit(i, avoid=a)
+            self._mark_down(a)
+            self._submit(i)
+
+    def _check_health(self) -> None:
+        """Resend the requests of actors that Ray reports as not alive. A call to an actor whose node died waits in
+        Ray's queue until the actor restarts, which may be never (no other node has room for its bundle), so a
+        stream whose requests take long asks Ray where its actors stand."""
+        busy = {a for _, a in self._inflight.values()} - set(self._down)
+        for a in busy:
+            if actor_state(self.actors[a]) not in ("RESTARTING", "DEAD"):  # a slow start is not a failure
+                continue
+            self._mark_down(a)
+            for ref, (i, b) in list(self._inflight.items()):
+                if b == a:  # its answer, should it ever come, is dropped with the ref
+                    del self._inflight[ref]
+                    self._load[a] -= 1
+                    self.stats.resent += 1
+                    self._submit(i)
 
     def _account(self, out: TargetBatch) -> None:
         s = self.stats

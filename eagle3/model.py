@@ -235,7 +235,8 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        # In the target's dtype when given (frozen: a bf16 target's table stays bf16; step() casts the lookups).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h, dtype=None if embed_weight is None else embed_weight.dtype)
         if embed_weight is not None:
             if tuple(embed_weight.shape) != (cfg.vocab_size, h):
                 raise ValueError(

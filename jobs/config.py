@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class TrainerConfig:
     """Report a checkpoint every this many steps (and at the end)."""
     max_failures: NonNegInt = 1
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    storage: str = ""
+    """Where Ray Train keeps checkpoints: "" = <run_dir>/ray on the driver's disk (one machine only); on a cluster a
+    folder every node mounts (NFS, EFS, a PVC) or a pyarrow URI (s3://bucket/prefix, gs://bucket/prefix)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +120,8 @@ class TrackingConfig:
     """MLflow."""
 
     uri: str = ""
-    """Tracking URI; empty = the embedded default, sqlite:///<output_dir>/mlflow.db."""
+    """Tracking URI; empty = $MLFLOW_TRACKING_URI if set (the cluster files export it), else the embedded default
+    sqlite:///<run_dir>/mlflow.db (one machine only: workers on other nodes cannot open it)."""
     experiment: Annotated[str, MinLen(1)] = "aerie"
     """MLflow experiment name."""
     register_model: str = ""
@@ -194,7 +199,15 @@ class JobConfig:
         return Path(self.output_dir).absolute() / self.name
 
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        """tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in the run folder."""
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+
+    def storage_path(self) -> str:
+        """Ray Train's storage_path: trainer.storage (a plain path made absolute), else <run_dir>/ray."""
+        s = self.trainer.storage
+        if not s:
+            return str(self.run_dir / "ray")
+        return s if "://" in s else str(Path(s).absolute())
 
 
 # ---------------------------------------------------------------------------------------------------------------

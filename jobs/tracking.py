@@ -162,6 +162,21 @@ def check_store(uri: str, unreachable_fix: str = TRAIN_URI_FIX):
     return client
 
 
+def probe_store(uri: str) -> str:
+    """Why `uri` cannot be reached from this process ('' if it can). Run on the nodes a trainer may land on: the
+    driver's check_store has created an embedded store, so a missing sqlite file means another node's disk."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return f"the sqlite file {db} does not exist on this node (an embedded store lives on the driver's disk)"
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any transport error means: unreachable from here
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return ""
+
+
 def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
              artifact_root: Path | None = None, fresh: bool = False,
              unreachable_fix: str = TRAIN_URI_FIX) -> MlflowTracker:

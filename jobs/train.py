@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
 import yaml
 
 from jobs.config import PRESETS, JobConfig, flatten, load_config, model_settings_diff, to_dict
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if started_ray:
                     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
                 watchdog.watch_pids(local_ray_pids())
+                check_tracking_from_trainer_nodes(cfg)  # rank 0 logs from its own node, not the driver's
                 # Ray Data tokenizes into the token store (cached); bad data fails here, before the run opens.
                 data = prepare_data(cfg)
                 print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; "
@@ -112,6 +114,42 @@ def main(argv: list[str] | None = None) -> dict:
             ray.shutdown()  # flushes the workers' forwarded logs, so the summary is the last thing printed
         print_summary(summary, cfg)
         return summary
+
+
+def check_tracking_from_trainer_nodes(cfg: JobConfig, timeout_s: float = 120) -> None:
+    """Probe the tracking store from every other node that can host a train worker, before any work starts.
+
+    The driver already reached it (check_store); a URI that only the driver's node can reach (an embedded sqlite
+    file, a server on the driver's loopback, a firewall) would otherwise fail on rank 0 after the targets loaded,
+    or worse, write to a different store."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from jobs.tracking import probe_store
+
+    t = cfg.trainer
+    need = {"CPU": t.cpus_per_worker, **(t.resources or {}), **({"GPU": 1} if t.use_gpu else {})}
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here
+             and all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v)]
+    if not nodes:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_store)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        cfg.tracking_uri()) for n in nodes]
+    try:
+        answers = ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        raise ConnectionError(f"MLflow tracking URI {cfg.tracking_uri()!r}: no answer from the trainer nodes within "
+                              f"{timeout_s:.0f}s") from err
+    bad = [(n, why) for n, why in zip(nodes, answers) if why]
+    if bad:
+        where = "; ".join(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}): {why}" for n, why in bad)
+        raise ConnectionError(
+            f"MLflow tracking URI {cfg.tracking_uri()!r} answers on the driver but not on {len(bad)} of {len(nodes)} "
+            f"trainer node(s): {where}. Rank 0 logs from its own node: use a tracking server that every node reaches "
+            f"(export MLFLOW_TRACKING_URI=http://<head-private-ip>:5000 on every node, or --set tracking.uri=...; "
+            f"see cluster/README.md)")
 
 
 def finish_run(cfg: JobConfig, tracker, data, export_dir: Path, wall: float) -> dict:
@@ -166,8 +204,27 @@ def write_run_config(cfg: JobConfig) -> None:
     atomic_write(cfg.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def run_storage(cfg: JobConfig):
+    """(pyarrow filesystem, path) of this run's Ray Train folder, <storage>/<name> (see trainer.storage)."""
+    uri = cfg.storage_path()
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    except Exception as err:  # noqa: BLE001 - pyarrow says ArrowInvalid or OSError (libhdfs, libjvm missing)
+        raise ValueError(
+            f"trainer.storage={uri!r}: its filesystem is not available here ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}). Use a folder every node mounts, or a URI whose filesystem pyarrow "
+            f"supports here (s3://, gs://, abfs://; hdfs:// needs Java and libhdfs)") from err
+    return fs, f"{path.rstrip('/')}/{cfg.name}"
+
+
 def has_checkpoints(cfg: JobConfig) -> bool:
-    return any(p.is_dir() for p in (cfg.run_dir / "ray" / cfg.name).glob("checkpoint_*"))
+    fs, root = run_storage(cfg)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except Exception as err:  # noqa: BLE001 - credentials, permissions, network
+        raise ConnectionError(f"trainer.storage={cfg.storage_path()!r} cannot be listed ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]}); check its credentials and permissions") from err
+    return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
 
 def check_rerun(cfg: JobConfig, fresh: bool) -> RunState:
@@ -183,7 +240,9 @@ def check_rerun(cfg: JobConfig, fresh: bool) -> RunState:
       newest complete checkpoint, into the same MLflow run."""
     run_dir = cfg.run_dir
     if fresh:
-        shutil.rmtree(run_dir / "ray", ignore_errors=True)
+        fs, root = run_storage(cfg)
+        if fs.get_file_info(root).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(root)
         shutil.rmtree(run_dir / "export", ignore_errors=True)
         for name in ("summary.json", "config.yaml", RUN_ID_FILE, "ttt_curves.png", "eval.json", ".crashed-once"):
             (run_dir / name).unlink(missing_ok=True)
@@ -255,7 +314,10 @@ def scan_checkpoints(cfg: JobConfig) -> str | None:
     from eagle3.checkpoint import verify_train_state
     from jobs.train_loop import checkpoint_step
 
-    root = cfg.run_dir / "ray" / cfg.name
+    fs, path = run_storage(cfg)
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return None  # object stores: Ray Train uploads a checkpoint before it registers it; nothing local to tidy
+    root = Path(path)
     if not root.is_dir():
         return None
     fresh = "pass --fresh to train the run again (or restore the file from a copy)"
@@ -348,12 +410,13 @@ def fit(cfg: JobConfig, group, data, tracker):
         train_loop_per_worker,
         train_loop_config={
             "job": to_dict(cfg), "targets": targets, "info": info, "vocab": data.vocab,
-            "batches": ray.put(data.batches), "mlflow_uri": cfg.tracking_uri(), "mlflow_run_id": tracker.run_id,
+            "batches": ray.put(data.batches), "frozen_weights": frozen_weights_ref(targets[0]),
+            "mlflow_uri": cfg.tracking_uri(), "mlflow_run_id": tracker.run_id,
             "adopt_checkpoint": scan_checkpoints(cfg),
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(cfg.run_dir / "ray"),
+            name=cfg.name, storage_path=cfg.storage_path(),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -368,6 +431,19 @@ def fit(cfg: JobConfig, group, data, tracker):
     wall = time.time() - t0
 
     return result, wall, draft_cfg
+
+
+def frozen_weights_ref(target):
+    """The target's frozen embeddings + lm_head (in its dtype), put once into the object store by the driver.
+
+    Workers get this ref, not the actor: one transfer per node, and a worker that restarts after the target's node
+    died still finds the weights (the driver owns this copy; an actor's return value dies with its node)."""
+    import ray
+
+    weights = ray.get(target.frozen_weights.remote())
+    ref = ray.put(weights)
+    del weights
+    return ref
 
 
 def _interruptible_trainer():

@@ -13,6 +13,7 @@ import math
 import random
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,12 @@ class Learner:
                  total_steps: int, device: torch.device) -> None:
         torch.manual_seed(cfg.optim.seed)
         self.cfg, self.device = cfg, device
+        # Frozen weights arrive in the target's dtype; the embedding stays in it (the draft casts what it looks up),
+        # the head's full-vocab argmax runs in fp32 as before (chunked, see TargetHead).
         self.draft = Eagle3Draft(draft_cfg, embed_weight=weights.embed_tokens)
         self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
         self.draft.to(device)
-        self.head = TargetHead(weights.lm_head, vocab.t2d).to(device)
+        self.head = TargetHead(weights.lm_head.to(device, torch.float32), vocab.t2d.to(device))
         self.module: nn.Module = TTTModule(self.draft, cfg.ttt)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.draft.trainable_parameters(), lr=o.lr, betas=o.betas,
@@ -115,14 +118,15 @@ class Learner:
 
     def global_denominators(self, batch: Batch, weight: float) -> Tensor | None:
         """Labelled positions per TTT step summed over data-parallel workers, ÷ world size (None on one worker):
-        DDP averages gradients, so each worker divides its sum by the mean count and the result is the global mean."""
+        DDP averages gradients, so each worker divides its sum by the mean count and the result is the global mean.
+        `batch` is on the training device, so the collective's tensor is too (NCCL takes no CPU tensors)."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return None
         counts = torch.stack([data_label_mask(batch.loss_mask, batch.doc_ids, k).sum()
-                              for k in range(self.cfg.ttt.length)]).to(torch.float64) * weight
+                              for k in range(self.cfg.ttt.length)]).to(torch.float64) * weight  # [K] on device
         dist.all_reduce(counts)
-        return (counts / dist.get_world_size()).to(self.device)
+        return counts / dist.get_world_size()
 
     def plan_branches(self, tb: TargetBatch, step: int) -> BranchPlan | None:
         """Choose the branch queries of `tb` and, in 'draft' mode, sample their tokens with the current weights.
@@ -220,7 +224,7 @@ def steps_per_epoch(num_batches: int, world: int) -> int:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Run by every Ray Train worker. `config`: job config dict, target actor handles, TargetInfo, vocab map,
-    batches (object ref), MLflow uri/run id."""
+    batches and frozen target weights (object refs), MLflow uri/run id."""
     import ray
     import ray.train
     import ray.train.torch
@@ -249,13 +253,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = ray.get(config["batches"])
     vocab: VocabMap = config["vocab"]
     device = ray.train.torch.get_device()
-    weights = ray.get(targets[0].frozen_weights.remote())
+    # Put in the object store once by the driver, in the target's dtype: one copy per node, not one fetch per worker.
+    weights: FrozenWeights = ray.get(config["frozen_weights"])
     draft_cfg = draft_config_for(info, cfg.draft.vocab_size)
     per_epoch = steps_per_epoch(len(batches), world)
     total = per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps)
     learner = Learner(cfg, draft_cfg, weights, vocab, total, device)
+    del weights
     learner.module = ray.train.torch.prepare_model(learner.module, move_to_device=True)
 
     step, counters = 0, {"samples": 0, "tokens": 0, "resent": 0, "requests": 0, "wire_bytes": 0}
@@ -317,18 +323,16 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             step += 1
             # Sum over workers; dummy (zero-weight) steps contribute nothing.
             K = len(r.loss_k)
-            vec = torch.tensor([w * x for x in r.loss_k] + [w * x for x in r.correct_k] + [w * x for x in r.count_k]
-                               + [w, w * float(tb.batch.attention_mask.sum()), w * tb.wire_bytes,
-                                  w * sum(len(row) for row in tb.batch.sample_ids),
-                                  w * tb.generated_tokens, w * tb.generate_seconds,
-                                  w * (relabel.tokens.numel() if relabel is not None else 0)], dtype=torch.float64)
+            vec = step_stats(r, tb, relabel, w, learner.device)
             if world > 1:
                 torch.distributed.all_reduce(vec)
+            vec = vec.cpu()  # one copy per step, for logging
             loss_k, correct_k, count_k = vec[:K] / vec[3 * K].clamp_min(1), vec[K : 2 * K], vec[2 * K : 3 * K]
-            tokens, wire, samples, generated, generate_s, branch = (float(x) for x in vec[3 * K + 1 :])
+            tokens, wire, samples, generated, generate_s, branch, crc = (float(x) for x in vec[3 * K + 1 :])
             counters["tokens"] += int(tokens)
             counters["wire_bytes"] += int(wire)
             counters["samples"] += int(samples)
+            counters["sample_crc"] = counters.get("sample_crc", 0) + int(crc)  # resumes from older checkpoints too
             counters["resent"] += stream.stats.resent - seen_resent
             counters["requests"] += stream.stats.requests - seen_requests
             seen_resent, seen_requests = stream.stats.resent, stream.stats.requests
@@ -343,6 +347,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 "target_wait_frac": stream.stats.wait_seconds / max(now - t_stream, 1e-9),
                 "wire_bytes_per_token": wire / max(tokens, 1.0),
                 "trained_tokens": counters["tokens"], "samples_trained": counters["samples"],
+                "sample_id_checksum": counters["sample_crc"],  # see step_stats
                 "stream_resent": counters["resent"], "stream_requests": counters["requests"],
             }
             if cfg.data.regenerate:
@@ -379,6 +384,20 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             if step % cfg.trainer.checkpoint_every == 0 and step < total:
                 report(done=False)
     report(done=True)
+
+
+def step_stats(r: StepResult, tb: TargetBatch, relabel: RelabelResult | None, w: float, device: torch.device) -> Tensor:
+    """The per-step numbers summed over workers, weighted by `w` (0 for a padding step), as one float64 vector
+    [loss_k (K), correct_k (K), count_k (K), steps, tokens, wire bytes, samples, generated, generate s, branch
+    tokens, sample id checksum] on the training `device`: the all-reduce runs on NCCL for GPU workers, which takes
+    no CPU tensors. The checksum (sum of the CRC-32 of each trained sample id, exact in float64 up to ~2M samples
+    per step) lets a run show that every sample was trained exactly once, whatever failed on the way."""
+    values = ([w * x for x in r.loss_k] + [w * x for x in r.correct_k] + [w * x for x in r.count_k]
+              + [w, w * float(tb.batch.attention_mask.sum()), w * tb.wire_bytes,
+                 w * sum(len(row) for row in tb.batch.sample_ids), w * tb.generated_tokens, w * tb.generate_seconds,
+                 w * (relabel.tokens.numel() if relabel is not None else 0),
+                 w * sum(zlib.crc32(sid.encode()) for row in tb.batch.sample_ids for sid in row)])
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _with_relabels(learner: Learner, client, items, first_step: int):

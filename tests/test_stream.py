@@ -78,6 +78,51 @@ def test_dead_actor_requests_are_resent(ray_local, reference):
         ray.kill(a)
 
 
+class NoComebackTarget(SlowTarget):
+    """Restarts into a constructor that never returns: like an actor whose node died while no other node has room
+    for its placement bundle, calls to it would wait forever."""
+
+    def __init__(self, cfg, name, marker):
+        import os
+
+        if os.path.exists(marker):
+            time.sleep(3600)
+        open(marker, "w").close()
+        super().__init__(cfg, name)
+
+
+def test_an_actor_that_never_comes_back_gets_no_more_requests(ray_local, reference, tmp_path):
+    ray = ray_local
+    marker = str(tmp_path / "started")
+    stuck = ray.remote(NoComebackTarget).options(num_cpus=0.5, max_restarts=1, max_task_retries=0).remote(
+        TargetConfig(model=TINY), "t0", marker)
+    alive = ray.remote(SlowTarget).options(num_cpus=0.5).remote(TargetConfig(model=TINY), "t1")
+    ray.get([stuck.ping.remote(), alive.ping.remote()])
+    stream = FeatureStream([stuck, alive], make_batches(), depth=4)
+    got, t0 = [], time.time()
+    for i, tb in enumerate(stream):
+        got.append(tb)
+        if i == 0:
+            ray.kill(stuck, no_restart=False)
+    check_same(got, reference)  # every batch exactly once, in order, all but the first served by the live actor
+    assert stream.stats.resent >= 1 and stream.stats.per_actor.get("t1", 0) >= 9
+    assert time.time() - t0 < 60  # nothing waited on the stuck actor
+    for a in (stuck, alive):
+        ray.kill(a, no_restart=True)
+
+
+def test_every_actor_dead_fails_with_a_clear_error(ray_local):
+    ray = ray_local
+    actor = ray.remote(SlowTarget).options(num_cpus=0.5, max_restarts=0).remote(TargetConfig(model=TINY), "t0")
+    ray.get(actor.ping.remote())
+    stream = FeatureStream([actor], make_batches(4), depth=2)
+    it = iter(stream)
+    next(it)
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(RuntimeError, match="every target actor is dead"):
+        list(it)
+
+
 def test_target_that_cannot_load_fails_on_the_driver(ray_local, tmp_path):
     from jobs.targets import start_target_actors
 
