@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
 
 from actors.protocol import RegenRequest, RelabelRequest, RelabelResult, TargetBatch
 from eagle3.data import Batch
 
-ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+# A request is sent again when its actor died, or when its answer died with the node that held it (the actor ran
+# the request, but the result sat in that node's object store; actor tasks cannot be re-executed by Ray itself).
+ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError)
 RESTART_TIMEOUT_S = 900  # a restarted target reloads its weights
 HEALTH_CHECK_S = 5.0  # a request unanswered this long makes the stream ask Ray whether its actor is alive
 DEAD_AFTER_FAILED_PINGS = 10  # a restarting actor's ping waits; one that fails this often (1/s) is gone for good
@@ -229,13 +231,22 @@ class RelabelClient:
         self.stats.requests += 1
         return self.actors[a].relabel.remote(request), a, request
 
+    def _get(self, ref: ray.ObjectRef, a: int) -> RelabelResult:
+        """ray.get, except that an actor Ray reports as restarting or dead counts as failed (see FeatureStream)."""
+        while True:
+            ready, _ = ray.wait([ref], timeout=HEALTH_CHECK_S)
+            if ready:
+                return ray.get(ref)
+            if actor_state(self.actors[a]) in ("RESTARTING", "DEAD"):
+                raise ActorUnavailableError(f"target actor {a} is {actor_state(self.actors[a])}", None)
+
     def result(self, ticket: tuple[ray.ObjectRef, int, RelabelRequest]) -> RelabelResult:
         """Block until the relabel is done; resend to the next actor if the one it went to failed."""
         ref, a, request = ticket
         t0 = time.perf_counter()
         for attempt in range(self.max_resends + 1):
             try:
-                out: RelabelResult = ray.get(ref)
+                out: RelabelResult = self._get(ref, a)
                 break
             except ACTOR_FAILURES as err:
                 if attempt == self.max_resends:

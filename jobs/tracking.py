@@ -164,17 +164,45 @@ def check_store(uri: str, unreachable_fix: str = TRAIN_URI_FIX):
 
 def probe_store(uri: str) -> str:
     """Why `uri` cannot be reached from this process ('' if it can). Run on the nodes a trainer may land on: the
-    driver's check_store has created an embedded store, so a missing sqlite file means another node's disk."""
-    from mlflow.tracking import MlflowClient
+    driver's check_store has created an embedded store, so a missing sqlite file means another node's disk.
+
+    A tracking server is asked over plain HTTP (one request, 10 s; MLflow's client takes seconds to import) with the
+    credentials MLflow would send from this node (MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
 
     db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return f"the sqlite file {db} does not exist on this node (an embedded store lives on the driver's disk)"
+    if db is not None:
+        return "" if db.exists() else f"the sqlite file {db} does not exist on this node (an embedded store lives on " \
+                                      f"the driver's disk)"
+    if not uri.startswith(("http://", "https://")):
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - any transport error means: unreachable from here
+            return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        return ""
+    req = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                                 data=json.dumps({"max_results": 1}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        req.add_header("Authorization", f"Basic {base64.b64encode(pair.encode()).decode()}")
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - any transport error means: unreachable from here
+        with urllib.request.urlopen(req, timeout=10):
+            return ""
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return (f"HTTP {err.code}: the server wants credentials; set MLFLOW_TRACKING_USERNAME/_PASSWORD or "
+                    f"MLFLOW_TRACKING_TOKEN on every node")
+        return f"HTTP {err.code} {err.reason}"
+    except Exception as err:  # noqa: BLE001 - refused, timed out, no route, DNS
         return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
-    return ""
 
 
 def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None,

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         from actors.models import resolve_model
         from eagle3.sources import resolve_parts
         from jobs.data_prep import prepare_data
-        from jobs.targets import start_target_actors
+        from jobs.targets import check_placeable, start_target_actors, target_bundles
         from jobs.tracking import check_store, close_run, open_run
         from jobs.watchdog import Watchdog, local_ray_pids
 
@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
                     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
                 watchdog.watch_pids(local_ray_pids())
                 check_tracking_from_trainer_nodes(cfg)  # rank 0 logs from its own node, not the driver's
+                # A request no node can ever hold fails now, naming the resource, not after a placement timeout.
+                workers = [worker_bundle(cfg)] * cfg.trainer.num_workers
+                check_placeable(target_bundles(cfg.target), "target actors (target.num_actors, gpus_per_actor, "
+                                                            "cpus_per_actor, resources)")
+                check_placeable(workers, "train workers (trainer.num_workers, use_gpu, cpus_per_worker, resources)")
+                check_placeable(target_bundles(cfg.target) + workers, "target actors and train workers together "
+                                                                      "(they run at the same time)")
                 # Ray Data tokenizes into the token store (cached); bad data fails here, before the run opens.
                 data = prepare_data(cfg)
                 print(f"[aerie] run {cfg.name!r} in {cfg.run_dir}; data: {data.stats.summary()}; "
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         return summary
 
 
-def check_tracking_from_trainer_nodes(cfg: JobConfig, timeout_s: float = 120) -> None:
+def check_tracking_from_trainer_nodes(cfg: JobConfig, timeout_s: float = 120, skip_driver_node: bool = True) -> None:
     """Probe the tracking store from every other node that can host a train worker, before any work starts.
 
     The driver already reached it (check_store); a URI that only the driver's node can reach (an embedded sqlite
@@ -127,10 +134,9 @@ def check_tracking_from_trainer_nodes(cfg: JobConfig, timeout_s: float = 120) ->
 
     from jobs.tracking import probe_store
 
-    t = cfg.trainer
-    need = {"CPU": t.cpus_per_worker, **(t.resources or {}), **({"GPU": 1} if t.use_gpu else {})}
+    need = worker_bundle(cfg)
     here = ray.get_runtime_context().get_node_id()
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here
+    nodes = [n for n in ray.nodes() if n["Alive"] and not (skip_driver_node and n["NodeID"] == here)
              and all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v)]
     if not nodes:
         return
@@ -403,9 +409,6 @@ def fit(cfg: JobConfig, group, data, tracker):
     log_files(tracker, {"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)})
 
     t = cfg.trainer
-    worker_resources = {"CPU": t.cpus_per_worker, **(t.resources or {})}
-    if t.use_gpu:
-        worker_resources["GPU"] = 1
     trainer = InterruptibleTorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -414,7 +417,8 @@ def fit(cfg: JobConfig, group, data, tracker):
             "mlflow_uri": cfg.tracking_uri(), "mlflow_run_id": tracker.run_id,
             "adopt_checkpoint": scan_checkpoints(cfg),
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=worker_resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=worker_bundle(cfg)),
         run_config=RunConfig(
             name=cfg.name, storage_path=cfg.storage_path(),
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -431,6 +435,12 @@ def fit(cfg: JobConfig, group, data, tracker):
     wall = time.time() - t0
 
     return result, wall, draft_cfg
+
+
+def worker_bundle(cfg: JobConfig) -> dict[str, float]:
+    """What each Ray Train worker reserves."""
+    t = cfg.trainer
+    return {"CPU": t.cpus_per_worker, **(t.resources or {}), **({"GPU": 1} if t.use_gpu else {})}
 
 
 def frozen_weights_ref(target):

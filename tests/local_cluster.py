@@ -47,13 +47,17 @@ def stop_own_cluster(temp_dir: str, gcs_port: int) -> None:
     """Kill exactly one test cluster's Ray processes: those naming its temp dir (gcs, raylets, dashboard, ...) or its
     GCS address (the client server)."""
 
-    def ours(cmd: str) -> bool:
-        return temp_dir in cmd or ("ray" in cmd and re.search(rf":{gcs_port}\b", cmd) is not None)
+    def ours(p: psutil.Process) -> bool:
+        cmd = " ".join(p.info["cmdline"] or [])
+        if temp_dir in cmd or ("ray" in cmd and re.search(rf":{gcs_port}\b", cmd) is not None):
+            return True
+        # A job's driver (and its watchdog) names neither: it has the cluster's address in its environment.
+        return "python" in cmd and (p.environ().get("RAY_ADDRESS") or "").endswith(f":{gcs_port}")
 
     mine = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid != os.getpid() and ours(" ".join(p.info["cmdline"] or [])):
+            if p.pid != os.getpid() and ours(p):
                 mine.append(p)
         except psutil.Error:
             pass

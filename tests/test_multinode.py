@@ -1,0 +1,118 @@
+"""The cluster path for real, on one machine: a head with no task CPUs, two target nodes and two trainer nodes
+joined with `ray start --address` (own ports, custom resources `target` / `trainer`), a real `mlflow server` on
+loopback reached through MLFLOW_TRACKING_URI, Ray Train storage outside the driver's folder, and the job submitted
+with `ray job submit`. Mid-run the raylet of a node holding a target actor is killed: the run must still finish,
+with every sample trained exactly once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import zlib
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.local_cluster import REPO, LocalCluster, MlflowServer, ray_env
+
+EPOCHS = 2
+FAST_NODE_DEATH = {  # the GCS declares a silent node dead after ~3 s instead of ~30 s
+    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode")
+    mlflow = MlflowServer(root / "mlflow").start()
+    # The head exports the tracking URI, as the cluster files do; the job's driver inherits it.
+    c = LocalCluster(env=ray_env(MLFLOW_TRACKING_URI=mlflow.uri, **FAST_NODE_DEATH))
+    try:
+        c.start()
+        for i in range(2):
+            c.add_node(f"target{i}", 1, {"target": 1})
+        for i in range(2):
+            c.add_node(f"trainer{i}", 1, {"trainer": 1})
+        c.wait_for_nodes(5)
+        yield c, mlflow, root
+    finally:
+        c.stop()
+        mlflow.stop()
+
+
+def submit(c: LocalCluster, job_id: str, *sets: str) -> subprocess.Popen:
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.Popen(
+        ["ray", "job", "submit", "--address", c.address, "--submission-id", job_id, "--working-dir", ".", "--",
+         "python", "-m", "jobs.train", "--preset", "tiny", *args],
+        cwd=REPO, env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def expected_checksum(n_epochs: int) -> tuple[int, int]:
+    """(samples, CRC-32 sum of their ids) the tiny preset trains, from the in-memory reference reader."""
+    from eagle3.data import load_samples
+    from jobs.config import load_config
+    from jobs.data_prep import load_tokenizer
+
+    cfg = load_config("tiny")
+    samples, _ = load_samples(cfg.data, load_tokenizer(cfg.target.model))
+    return n_epochs * len(samples), n_epochs * sum(zlib.crc32(s.sample_id.encode()) for s in samples)
+
+
+def test_multinode_job_survives_losing_a_target_node(cluster):
+    c, mlflow, root = cluster
+    storage = root / "shared" / "checkpoints"
+    job = submit(c, "aerie-multinode", f"output_dir={root / 'runs'}", "name=multinode",
+                 "target.num_actors=2", "target.resources={target: 1}",
+                 "trainer.num_workers=2", "trainer.resources={trainer: 1}", f"trainer.storage={storage}",
+                 f"optim.epochs={EPOCHS}", "tracking.register_model=aerie-multinode-draft",
+                 f"data.store_dir={root / 'shared' / 'tokens'}", "data.tokenizer_workers=1")
+    client = MlflowClient(mlflow.uri)
+    killed, killed_at, deadline = None, None, time.time() + 900
+    try:
+        while job.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            if killed:
+                continue
+            exp = client.get_experiment_by_name("aerie")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            step = runs[0].data.metrics.get("train_step", 0) if runs else 0
+            if step >= 2:  # training under way: kill the node of a live target actor
+                (actor, *_) = c.list("actors", "class_name=HFTarget", "state=ALIVE")
+                killed, killed_at = c.node_of(actor["node_id"]), step
+                c.kill_node(next(n for n in c.nodes if n.name == killed))
+        log = job.communicate(timeout=max(1, deadline - time.time()))[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0 and "succeeded" in log.lower(), log[-6000:]
+    assert killed and killed_at < EPOCHS * 6, f"the kill came too late to test anything (step {killed_at})"
+
+    # Placement: 2 targets on the target nodes, 2 trainers on the trainer nodes (dead actors are listed too).
+    targets = [c.node_of(a["node_id"]) for a in c.list("actors", "class_name=HFTarget")]
+    trainers = [c.node_of(a["node_id"]) for a in c.list("actors", "class_name=RayTrainWorker")]
+    assert sorted(targets) == ["target0", "target1"], targets
+    assert sorted(trainers) == ["trainer0", "trainer1"], trainers
+
+    # The run in the tracking server: finished, its metrics, artifacts and registered model.
+    (run,) = client.search_runs([client.get_experiment_by_name("aerie").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "multinode"
+    m = run.data.metrics
+    samples, checksum = expected_checksum(EPOCHS)
+    # Exactly once per epoch despite the lost node: the count and the checksum of the sample ids both match.
+    assert m["samples_trained"] == samples and m["sample_id_checksum"] == checksum
+    assert m["stream_resent"] >= 1  # the dead node's requests went to the other target
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "draft")} >= {"draft/config.json",
+                                                                                "draft/model.safetensors"}
+    (mv,) = client.search_model_versions("name='aerie-multinode-draft'")
+    assert mv.run_id == run.info.run_id
+
+    # Checkpoints went to trainer.storage, and the export reads back on the driver's machine.
+    assert any(storage.joinpath("multinode").glob("checkpoint_*"))
+    assert not (root / "runs" / "multinode" / "ray").exists()
+    from eagle3.export import load_draft
+
+    draft = load_draft(root / "runs" / "multinode" / "export")
+    assert draft.config.draft_vocab_size == 2000
