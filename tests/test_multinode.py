@@ -2,7 +2,8 @@
 joined with `ray start --address` (own ports, custom resources `target` / `trainer`), a real `mlflow server` on
 loopback reached through MLFLOW_TRACKING_URI, Ray Train storage outside the driver's folder, and the job submitted
 with `ray job submit`. Mid-run the raylet of a node holding a target actor is killed: the run must still finish,
-with every sample trained exactly once.
+with every sample trained exactly once. A sixth node cannot reach the tracking server: a job whose trainers would
+land there fails at once, naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ FAST_NODE_DEATH = {  # the GCS declares a silent node dead after ~3 s instead of
 }
 
 
+BLIND = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
+         "no_grpc_proxy": "127.0.0.1,localhost"}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
@@ -35,7 +40,10 @@ def cluster(tmp_path_factory):
             c.add_node(f"target{i}", 1, {"target": 1})
         for i in range(2):
             c.add_node(f"trainer{i}", 1, {"trainer": 1})
-        c.wait_for_nodes(5)
+        # A trainer node that cannot reach the tracking server (its HTTP goes to a dead proxy; Ray's own gRPC is
+        # exempted), like a node behind a firewall.
+        c.add_node("blind", 1, {"trainer_blind": 1}, env=BLIND)
+        c.wait_for_nodes(6)
         yield c, mlflow, root
     finally:
         c.stop()
@@ -116,3 +124,17 @@ def test_multinode_job_survives_losing_a_target_node(cluster):
 
     draft = load_draft(root / "runs" / "multinode" / "export")
     assert draft.config.draft_vocab_size == 2000
+
+
+def test_tracking_server_unreachable_from_a_trainer_node_fails_before_work(cluster):
+    c, mlflow, root = cluster
+    t0 = time.time()
+    job = submit(c, "aerie-blind", f"output_dir={root / 'runs'}", "name=blind", "trainer.resources={trainer_blind: 1}")
+    log = job.communicate(timeout=600)[0]
+    assert job.returncode != 0, log[-3000:]
+    assert (f"MLflow tracking URI '{mlflow.uri}' answers on the driver but not on 1 of 1 trainer node(s)" in log
+            and "Connection refused" in log and "MLFLOW_TRACKING_URI=http://" in log), log[-3000:]
+    assert time.time() - t0 < 300
+    client = MlflowClient(mlflow.uri)
+    exp = client.get_experiment_by_name("aerie")
+    assert exp is None or not client.search_runs([exp.experiment_id], "attributes.run_name = 'blind'")  # none opened
