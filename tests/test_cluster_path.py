@@ -71,3 +71,30 @@ def test_gpu_trainers_on_a_cluster_without_gpus_fail_at_once(ray_local, tmp_path
     with pytest.raises(ValueError, match=r"(?s)cannot place train workers .*no node offers GPU: 1"):
         train.main(["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", "trainer.use_gpu=true"])
     assert time.time() - t0 < 60
+
+
+def test_frozen_weights_travel_in_the_target_dtype_and_train_the_same():
+    """bf16 target: the embeddings/lm_head leave the actor in bf16 (half the bytes of fp32, one tensor when tied),
+    and the Learner built from them holds the same numbers as one built from fp32 copies."""
+    import torch
+
+    from actors.hf_backend import HFTarget, TargetConfig
+    from actors.models import TINY
+    from actors.protocol import FrozenWeights
+    from eagle3.vocab import VocabMap
+    from jobs.train_loop import Learner, draft_config_for
+
+    target = HFTarget(TargetConfig(model=TINY, dtype="bfloat16"))
+    w = target.frozen_weights()
+    assert w.embed_tokens.dtype == w.lm_head.dtype == torch.bfloat16 and w.embed_tokens.device.type == "cpu"
+    cfg = load_config("tiny", None, ["draft.vocab_size=100"])
+    info = target.info()
+    d2t, t2d = torch.zeros(100, dtype=torch.long), torch.zeros(info.vocab_size, dtype=torch.bool)
+    t2d[:100] = True
+    vocab = VocabMap(d2t=d2t, t2d=t2d)
+    dc = draft_config_for(info, 100)
+    a = Learner(cfg, dc, w, vocab, 10, torch.device("cpu"))
+    b = Learner(cfg, dc, FrozenWeights(w.embed_tokens.float(), w.lm_head.float()), vocab, 10, torch.device("cpu"))
+    assert a.draft.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(a.draft.embed_tokens.weight.float(), b.draft.embed_tokens.weight)
+    assert torch.equal(a.head.weight, b.head.weight) and a.head.weight.dtype == torch.float32
