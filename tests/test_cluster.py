@@ -1,4 +1,4 @@
-"""Offline checks of the cluster configs in cluster/.
+"""Offline checks of the cluster configs in cluster/ (cluster/local.yaml runs for real in tests/test_ray_up.py).
 
 Nothing here talks to a cloud, starts Ray or needs credentials.
 
@@ -25,8 +25,14 @@ On top of Ray's validation: node-type roles and custom resources, the setup
 commands each node type really runs (a node type's own worker_setup_commands
 replace the global list, as in autoscaler._get_node_type_specific_fields), the
 `ray start` flags (parsed by Ray 2.60's own `ray start` click command), token
-auth and the MLflow server. The KubeRay RayJob has no schema in Ray, so its
-required fields and conventions are checked by hand.
+auth, the MLflow server (its flags parsed by mlflow's own `mlflow server`
+command) and how every node reaches it. The KubeRay RayJob has no schema in
+Ray, so its required fields and conventions are checked by hand.
+
+Across all files (launchers and KubeRay): the cluster each file starts can
+place every bundle the preset it runs asks for, the preset's model and data are
+what the file downloads onto the shared mount, everything the preset writes is
+on that mount, and every value left to the user is marked `# FILL IN:`.
 """
 
 from __future__ import annotations
@@ -45,10 +51,14 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
 LAUNCHERS = {"aws": CLUSTER_DIR / "aws.yaml", "gcp": CLUSTER_DIR / "gcp.yaml"}
 RAYJOB = CLUSTER_DIR / "kuberay-rayjob.yaml"
+SHARED_K8S = CLUSTER_DIR / "kuberay-shared.yaml"
+README = CLUSTER_DIR / "README.md"
 
 PRESET = "llama3-8b-8gpu"
 ENTRYPOINT_MODULE = "jobs.train"
 RAY_MAJOR_MINOR = tuple(ray.__version__.split(".")[:2])
+SHARED = "/mnt/aerie"  # the filesystem every node mounts, in every cluster file
+MLFLOW_SERVICE = "http://aerie-mlflow:5000"  # KubeRay: the Service in cluster/kuberay-shared.yaml
 
 # worker node type / worker group -> the custom resource it advertises
 ROLES = {"target_gpu": "target", "trainer_gpu": "trainer"}
@@ -77,6 +87,27 @@ def _norm(cmd: str) -> str:
     return " ".join(cmd.split())
 
 
+def _shell_parts(cmd: str) -> list[list[str]]:
+    """The simple commands of a shell line as words (quotes respected, redirections dropped), split on the control
+    operators ; && || & | ( ). Nothing is run or expanded."""
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars=";&|()<>")
+    lex.whitespace_split = True
+    parts, words, skip = [], [], False
+    for tok in lex:
+        if skip:
+            skip = False
+        elif set(tok) <= set("<>&") and set(tok) & set("<>"):  # a redirection: drop it, its target, its fd
+            skip = True
+            if words and words[-1].isdigit():
+                words.pop()
+        elif set(tok) <= set(";&|()"):  # control operators, also run together: `&)`
+            parts.append(words)
+            words = []
+        else:
+            words.append(tok)
+    return [w for w in parts + [words] if w]
+
+
 @pytest.fixture(scope="module", params=sorted(LAUNCHERS))
 def launcher(request):
     """(provider name, config as written, config after Ray's prepare_config)."""
@@ -90,6 +121,20 @@ def rayjob():
     return _load(RAYJOB)
 
 
+@pytest.fixture(scope="module")
+def shared_k8s():
+    """cluster/kuberay-shared.yaml: {(kind, name): object}."""
+    with open(SHARED_K8S) as f:
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(f)}
+
+
+@pytest.fixture(scope="module")
+def preset():
+    from jobs.config import load_config
+
+    return load_config(PRESET)
+
+
 def effective_setup_commands(cfg: dict, node_type: str) -> list[str]:
     """Setup commands Ray runs on a node of `node_type` (cfg: prepared)."""
     if node_type == cfg["head_node_type"]:
@@ -100,14 +145,42 @@ def effective_setup_commands(cfg: dict, node_type: str) -> list[str]:
 
 def ray_start_args(commands: list[str]) -> list[str]:
     """Arguments of the single `ray start` in a list of shell commands."""
-    found = []
-    for cmd in commands:
-        for part in re.split(r";|&&|\|\|", _norm(cmd)):
-            words = shlex.split(part)
-            if words[:2] == ["ray", "start"]:
-                found.append(words[2:])
+    found = [words[2:] for cmd in commands for words in _shell_parts(cmd) if words[:2] == ["ray", "start"]]
     assert len(found) == 1, f"expected one `ray start`, found {found}"
     return found[0]
+
+
+def exported(commands: list[str]) -> dict[str, str]:
+    """Variables the commands `export` (values as written, unexpanded)."""
+    env = {}
+    for cmd in commands:
+        for words in _shell_parts(cmd):
+            if words[0] == "export":
+                env.update(w.split("=", 1) for w in words[1:] if "=" in w)
+    return env
+
+
+def mlflow_server_params(words: list[str]) -> dict:
+    """`mlflow server` arguments parsed by mlflow's own click command (an unknown flag is an error)."""
+    from mlflow.cli import server
+
+    i = words.index("server")
+    assert words[i - 1].endswith("mlflow"), words
+    return server.make_context("server", words[i + 1:]).params
+
+
+def hf_downloads(commands: list[str]) -> set[str]:
+    """Paths that the `hf download` commands among `commands` fill: --local-dir, or local-dir/<file> per file."""
+    out = set()
+    for cmd in commands:
+        for words in _shell_parts(cmd):
+            if Path(words[0]).name == "hf" and words[1] == "download":
+                local_dir = words[words.index("--local-dir") + 1]
+                files, rest = [], words[3:]
+                while rest and not rest[0].startswith("-"):
+                    files.append(rest.pop(0))
+                out |= {f"{local_dir}/{f}" for f in files} if files else {local_dir}
+    return out
 
 
 # --------------------------------------------------------------- launchers
@@ -173,16 +246,20 @@ def test_launcher_setup_commands(launcher):
     name, _, cfg = launcher
     ray_pin = f"ray[default,train]=={ray.__version__}"
     for node_type in cfg["available_node_types"]:
-        cmds = " ".join(effective_setup_commands(cfg, node_type))
-        assert re.search(r"pip install .*\baerie\b", cmds), f"{node_type} does not install aerie"
-        assert ray_pin in cmds, f"{node_type} does not pin {ray_pin}"
-        assert re.search(r"pip install .*\btorch\b", cmds), f"{node_type} does not install torch"
+        cmds = effective_setup_commands(cfg, node_type)
+        joined = " ".join(cmds)
+        assert re.search(r"pip install .*\baerie\b", joined), f"{node_type} does not install aerie"
+        assert ray_pin in joined, f"{node_type} does not pin {ray_pin}"
+        assert re.search(r"pip install .*\btorch\b", joined), f"{node_type} does not install torch"
         if node_type == "target_gpu":
-            assert '"vllm==0.33.*"' in cmds, "target nodes need the vLLM backend"
+            assert '"vllm==0.33.*"' in joined, "target nodes need the vLLM backend"
         else:
-            assert "vllm" not in cmds, f"{node_type} does not need vllm"
+            assert "vllm" not in joined, f"{node_type} does not need vllm"
+        mounts = [w for c in cmds for w in _shell_parts(c) if w[:2] == ["sudo", "mount"]]
+        assert len(mounts) == 1 and mounts[0][-1] == SHARED, f"{node_type} must mount the shared storage at {SHARED}"
     head_cmds = " ".join(effective_setup_commands(cfg, cfg["head_node_type"]))
     assert HEAD_SDK[name] in head_cmds, f"head autoscaler needs {HEAD_SDK[name]}"
+    assert '"mlflow[auth]==3.17.*"' in head_cmds, "the head's MLflow server runs basic auth (Flask-WTF)"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic, via ray.serve
@@ -218,27 +295,46 @@ def test_launcher_token_auth(launcher):
     assert raw["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
 
 
-def test_launcher_starts_mlflow_on_head(launcher):
+def test_launcher_mlflow_behind_auth(launcher):
+    """The head's MLflow server runs basic auth with the cluster token as admin's password, stores runs on the
+    shared mount, and every node's Ray processes log to it with that password at an address other nodes reach."""
     _, raw, _ = launcher
-    cmds = " ".join(_norm(c) for c in raw["head_start_ray_commands"])
-    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in cmds
-    assert (
-        "mlflow server --workers 1 --host 0.0.0.0 --port 5000 "
-        "--backend-store-uri sqlite:////home/ubuntu/mlflow.db"
-    ) in cmds
-    assert not any("mlflow server" in c for c in raw["worker_start_ray_commands"])
+    head_cmds, worker_cmds = raw["head_start_ray_commands"], raw["worker_start_ray_commands"]
+    servers = [(c, w) for c in head_cmds for w in _shell_parts(c) if "nohup" in w and "server" in w]
+    assert len(servers) == 1, "expected one `nohup mlflow server` on the head"
+    (cmd, words), token = servers[0], '$(cat ~/.ray/auth_token)'
+    params = mlflow_server_params(words)
+    assert params["app_name"] == "basic-auth", "MLflow without auth: anyone who reaches port 5000 can delete runs"
+    assert params["port"] == 5000 and params["workers"] == "1"
+    assert params["backend_store_uri"] == f"sqlite:///{SHARED}/mlflow/mlflow.db"
+    assert params["artifacts_destination"] == f"{SHARED}/mlflow/artifacts"
+    assert f'MLFLOW_AUTH_ADMIN_PASSWORD="{token}"' in _norm(cmd)
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in cmd and "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in cmd
+    assert not any("mlflow server" in c for c in worker_cmds)
+
+    for key, where in (("head_start_ray_commands", "$(hostname -I"), ("worker_start_ray_commands", "$RAY_HEAD_IP")):
+        env = exported(raw[key])
+        # The driver (head) hands its URI to the workers: a loopback address would not reach the head from them.
+        uri = env["MLFLOW_TRACKING_URI"]
+        assert uri.startswith(f"http://{where}") and uri.endswith(":5000"), f"{key}: MLFLOW_TRACKING_URI={uri}"
+        assert env["MLFLOW_TRACKING_USERNAME"] == "admin" and env["MLFLOW_TRACKING_PASSWORD"] == token, key
+        assert env["AERIE_CACHE"] == f"{SHARED}/cache", key
 
 
 # ----------------------------------------------------------------- KubeRay
 
 
-def _containers(rayjob):
+def _pod_specs(rayjob):
+    """(group name, group, pod spec) for the head and each worker group."""
     spec = rayjob["spec"]["rayClusterSpec"]
-    groups = [("head", spec["headGroupSpec"])] + [
-        (g["groupName"], g) for g in spec["workerGroupSpecs"]
-    ]
-    for name, group in groups:
-        for c in group["template"]["spec"]["containers"]:
+    yield "head", spec["headGroupSpec"], spec["headGroupSpec"]["template"]["spec"]
+    for g in spec["workerGroupSpecs"]:
+        yield g["groupName"], g, g["template"]["spec"]
+
+
+def _containers(rayjob, init=False):
+    for name, group, pod in _pod_specs(rayjob):
+        for c in pod["containers"] + (pod.get("initContainers", []) if init else []):
             yield name, group, c
 
 
@@ -263,7 +359,6 @@ def test_rayjob_entrypoint(rayjob):
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", ENTRYPOINT_MODULE]
     assert argv[argv.index("--preset") + 1] == PRESET
-    assert argv[argv.index("--set") + 1] == "tracking.uri=http://mlflow.mlflow.svc:5000"
 
 
 def test_rayjob_runtime_env(rayjob):
@@ -273,25 +368,41 @@ def test_rayjob_runtime_env(rayjob):
     assert isinstance(env, dict)
     assert set(env) <= RuntimeEnv.known_fields, set(env) - RuntimeEnv.known_fields
     RuntimeEnv(**env)  # Ray's own type checks (env_vars must be str -> str, ...)
-    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow.svc:5000"
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_SERVICE
+    assert env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert env["env_vars"]["AERIE_CACHE"] == f"{SHARED}/cache"
 
 
-def test_rayjob_ray_version_and_image(rayjob):
+def test_rayjob_ray_version_and_image(rayjob, shared_k8s):
     version = rayjob["spec"]["rayClusterSpec"]["rayVersion"]
     assert isinstance(version, str), "quote rayVersion, or YAML may read it as a number"
     assert tuple(version.split(".")[:2]) == RAY_MAJOR_MINOR, (
         f"rayVersion {version} vs installed ray {ray.__version__}"
     )
-    images = {c["image"] for _, _, c in _containers(rayjob)}
-    assert len(images) == 1, f"head and workers must share one image: {images}"
+    mlflow_pod = shared_k8s["Deployment", "aerie-mlflow"]["spec"]["template"]["spec"]
+    images = {c["image"] for _, _, c in _containers(rayjob, init=True)} | {c["image"] for c in mlflow_pod["containers"]}
+    assert len(images) == 1, f"head, workers, init container and MLflow must share one image: {images}"
     (image,) = images
     assert version in image.rsplit(":", 1)[-1], f"image tag should name Ray {version}"
+
+
+def kuberay_node_resources(group: dict) -> dict[str, float]:
+    """The Ray resources KubeRay starts a pod of `group` with: rayStartParams num-cpus/num-gpus, else the Ray
+    container's CPU limit (else request) and nvidia.com/gpu limit (ray-operator common/pod.go
+    generateRayStartCommand), plus the custom resources in rayStartParams."""
+    params = group["rayStartParams"]
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    cpu = params.get("num-cpus") or res.get("limits", {}).get("cpu") or res.get("requests", {}).get("cpu") or 0
+    gpu = params.get("num-gpus") or res.get("limits", {}).get("nvidia.com/gpu") or 0
+    custom = json.loads(shlex.split(params["resources"])[0]) if "resources" in params else {}
+    return {"CPU": float(cpu), "GPU": float(gpu), **custom}
 
 
 def test_rayjob_worker_groups_gpus_and_resources(rayjob):
     cluster = rayjob["spec"]["rayClusterSpec"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     assert set(groups) == set(GROUP_ROLES)
+    assert cluster["enableInTreeAutoscaling"] is False, "fixed size: replicas are what the job gets"
 
     head_params = cluster["headGroupSpec"]["rayStartParams"]
     assert head_params.get("num-cpus") == "0", "the head must not schedule tasks"
@@ -300,6 +411,7 @@ def test_rayjob_worker_groups_gpus_and_resources(rayjob):
         g = groups[name]
         params = g["rayStartParams"]
         assert all(isinstance(v, str) for v in params.values()), "rayStartParams values must be strings"
+        assert g["minReplicas"] == g["replicas"] == g["maxReplicas"], f"{name}: a fixed-size group"
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpus = int(limits["nvidia.com/gpu"])
         assert gpus >= 1, f"{name} needs nvidia.com/gpu"
@@ -315,16 +427,174 @@ def test_rayjob_token_auth(rayjob):
     assert rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
 
 
+def test_rayjob_shared_volume(rayjob, shared_k8s):
+    """Every Ray pod mounts the ReadWriteMany claim at the shared path; the claim is in kuberay-shared.yaml."""
+    for name, _, pod in _pod_specs(rayjob):
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert claims.get(mounts.get(SHARED)) == "aerie-shared", f"{name}/{c['name']} must mount {SHARED}"
+    pvc = shared_k8s["PersistentVolumeClaim", "aerie-shared"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every Ray pod mounts it at once"
+
+
+def test_rayjob_mlflow_behind_auth(rayjob, shared_k8s):
+    """MLflow (kuberay-shared.yaml) runs basic auth, with admin's password from the aerie-mlflow Secret that every
+    Ray container reads too; its Service is the URI the job logs to; it accepts that Host header."""
+    password = {"secretKeyRef": {"name": "aerie-mlflow", "key": "password"}}
+    for name, _, c in _containers(rayjob):
+        env = {e["name"]: e.get("valueFrom") for e in c.get("env", [])}
+        assert env.get("MLFLOW_TRACKING_PASSWORD") == password, f"{name}: rank 0 and the driver need the password"
+
+    mlflow = shared_k8s["Deployment", "aerie-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    params = mlflow_server_params(mlflow["command"])
+    assert params["app_name"] == "basic-auth", "MLflow without auth: any pod in the cluster can delete runs"
+    env = {e["name"]: e.get("valueFrom", e.get("value")) for e in mlflow["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == {"secretKeyRef": {"name": "aerie-mlflow", "key": "flask-secret"}}
+    host = MLFLOW_SERVICE.removeprefix("http://")
+    assert host in params["allowed_hosts"].split(","), "MLflow would refuse the job's Host header"
+    service = shared_k8s["Service", MLFLOW_SERVICE.split("//")[1].split(":")[0]]
+    assert service["spec"]["ports"][0]["port"] == int(host.split(":")[1])
+    assert service["spec"]["selector"] == shared_k8s["Deployment", "aerie-mlflow"]["spec"]["selector"]["matchLabels"]
+
+
 # ------------------------------------------------------------- cross-check
 
 
-def test_cluster_presets_exist():
+def test_cluster_presets_exist(preset):
     """The preset the cluster files name exists, validates, and asks for the custom resources the node types
     offer: one `target` unit + 1 GPU per target actor, one `trainer` unit + 1 GPU per train worker."""
-    from jobs.config import PRESETS, load_config
+    assert preset.target.resources == {"target": 1} and preset.target.gpus_per_actor == 1
+    assert preset.trainer.resources == {"trainer": 1} and preset.trainer.use_gpu
+    assert preset.target.num_actors + preset.trainer.num_workers == 8
 
-    assert PRESET in PRESETS
-    cfg = load_config(PRESET)
-    assert cfg.target.resources == {"target": 1} and cfg.target.gpus_per_actor == 1
-    assert cfg.trainer.resources == {"trainer": 1} and cfg.trainer.use_gpu
-    assert cfg.target.num_actors + cfg.trainer.num_workers == 8
+
+def preset_bundles(cfg) -> list[tuple[str, dict[str, float]]]:
+    """The placement-group bundles a run asks for: the very functions jobs/targets.py (start_target_actors) and
+    jobs/train.py (fit: ScalingConfig.resources_per_worker) use. Train V2's controller and the job driver take 0
+    CPUs."""
+    from jobs.targets import target_bundles
+    from jobs.train import worker_bundle
+
+    return [(f"target {i}", b) for i, b in enumerate(target_bundles(cfg.target))] + [
+        (f"trainer {i}", worker_bundle(cfg)) for i in range(cfg.trainer.num_workers)]
+
+
+def cluster_nodes(name: str) -> list[tuple[str, dict[str, float]]]:
+    """The nodes each cluster file starts with: launchers min_workers x resources (plus the head), KubeRay the
+    head and replicas x the resources KubeRay gives each pod."""
+    if name in LAUNCHERS:
+        raw = _load(LAUNCHERS[name])
+        nodes = []
+        for node_type, node in raw["available_node_types"].items():
+            count = 1 if node_type == raw["head_node_type"] else node.get("min_workers", 0)
+            nodes += [(f"{node_type} {i}", dict(node["resources"])) for i in range(count)]
+        return nodes
+    nodes = []
+    for group_name, group, _ in _pod_specs(_load(RAYJOB)):
+        count = 1 if group_name == "head" else group["replicas"]
+        nodes += [(f"{group_name} {i}", kuberay_node_resources(group)) for i in range(count)]
+    return nodes
+
+
+def first_fit(bundles, nodes) -> dict[str, str]:
+    """Place bundles, biggest first (GPUs, then CPUs), each on the first node with room for all of it. A placement
+    found this way is one Ray can take; first-fit may miss a cleverer packing, which only makes this stricter."""
+    free = {n: dict(r) for n, r in nodes}
+    where = {}
+    for label, want in sorted(bundles, key=lambda b: (-b[1].get("GPU", 0), -b[1].get("CPU", 0))):
+        node = next((n for n, have in free.items() if all(have.get(k, 0) >= v for k, v in want.items())), None)
+        assert node is not None, f"no node can place {label} {want}; free after the others: {free}"
+        for k, v in want.items():
+            free[node][k] -= v
+        where[label] = node
+    return where
+
+
+@pytest.mark.parametrize("name", [*sorted(LAUNCHERS), "kuberay"])
+def test_cluster_places_every_bundle_of_its_preset(name, preset):
+    """The cluster a file starts (no autoscaler help) places the preset's target and trainer bundles, both groups
+    at once; target bundles land on target nodes and trainer bundles on trainer nodes."""
+    where = first_fit(preset_bundles(preset), cluster_nodes(name))
+    for label, node in where.items():
+        assert node.startswith(label[0]), f"{label} landed on {node}"  # target_gpu/targets, trainer_gpu/trainers
+
+
+def test_first_fit_refuses_what_does_not_fit():
+    with pytest.raises(AssertionError, match="no node can place target 1"):
+        first_fit([("target 0", {"GPU": 1, "target": 1}), ("target 1", {"GPU": 1, "target": 1})],
+                  [("head", {"CPU": 0}), ("targets 0", {"CPU": 8, "GPU": 1, "target": 1})])
+
+
+def setup_steps(name: str) -> list[str]:
+    """The commands that prepare the shared mount: the launchers' head setup, the KubeRay head's init container."""
+    if name in LAUNCHERS:
+        return prepare_config(_load(LAUNCHERS[name]))["head_setup_commands"]
+    (init,) = _load(RAYJOB)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == ["sh", "-ec"], init["command"]  # -e: a failed download stops the pod
+    return init["args"]
+
+
+@pytest.mark.parametrize("name", [*sorted(LAUNCHERS), "kuberay"])
+def test_cluster_fetches_preset_model_and_data_onto_shared_mount(name, preset):
+    """What the preset reads is what the file downloads; what it writes is on the shared mount too."""
+    fetched = hf_downloads(setup_steps(name))
+    assert preset.target.model in fetched, f"{name} does not download {preset.target.model}: {fetched}"
+    assert preset.data.path in fetched, f"{name} does not download {preset.data.path}: {fetched}"
+    for what, path in [("output_dir", preset.output_dir), ("trainer.storage", preset.trainer.storage),
+                       ("data.store_dir", preset.data.store_dir)]:
+        assert path.startswith(f"{SHARED}/"), f"{what}={path!r} is not on the shared mount {SHARED}"
+
+
+# ------------------------------------------------------------ FILL IN marks
+
+FILL_IN = re.compile(r"\bFILL_IN_[A-Z0-9_]+")
+
+
+def fill_in_marks(path: Path) -> dict[str, bool]:
+    """{FILL_IN_... value: marked}: marked when `# FILL IN:` ends its line, or is in the comment block just above
+    the YAML entry that holds it (a value inside a multi-line command cannot carry a comment of its own)."""
+    lines = path.read_text().splitlines()
+
+    def indent(line):
+        return len(line) - len(line.lstrip())
+
+    def entry(i):  # the line that starts the block scalar holding line i, else line i itself
+        for k in range(i - 1, -1, -1):
+            if lines[k].strip() and indent(lines[k]) < indent(lines[i]):
+                return k if re.search(r"[>|][-+]?$", lines[k].split(" #")[0].rstrip()) else i
+        return i
+
+    marks = {}
+    for i, line in enumerate(lines):
+        code = "" if line.lstrip().startswith("#") else line.split(" #", 1)[0]
+        for token in FILL_IN.findall(code):
+            k, above = entry(i), []
+            while k > 0 and lines[k - 1].lstrip().startswith("#"):
+                k -= 1
+                above.append(lines[k])
+            marked = "# FILL IN:" in line or any("# FILL IN:" in a for a in above)
+            marks[token] = marks.get(token, True) and marked
+    return marks
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_user_values_are_marked_fill_in(path):
+    marks = fill_in_marks(path)
+    unmarked = [t for t, ok in marks.items() if not ok]
+    assert not unmarked, f"{path.name}: {unmarked} lack a `# FILL IN: <what>` comment"
+    text = path.read_text()
+    assert "# FILL IN:" not in text or marks, f"{path.name}: a `# FILL IN:` comment with no FILL_IN_ value"
+    for stale in ("PLACEHOLDER", "your-gcp-project", "ghcr.io/aerie-project"):
+        assert stale not in text, f"{path.name}: unmarked placeholder {stale!r}: spell it FILL_IN_... with the mark"
+    undocumented = [t for t in marks if t not in README.read_text()]
+    assert not undocumented, f"cluster/README.md does not explain {undocumented}"
+
+
+def test_fill_in_check_catches_an_unmarked_value(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("a: FILL_IN_A  # FILL IN: a\ncmds:\n  # FILL IN: b\n  - >-\n    mount\n    FILL_IN_B:/ /mnt\n"
+                 "# about c\nc: FILL_IN_C\n")
+    assert fill_in_marks(f) == {"FILL_IN_A": True, "FILL_IN_B": True, "FILL_IN_C": False}
