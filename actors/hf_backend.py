@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Literal
 
 import torch
-from annotated_types import Ge, Gt, Len, MinLen
+from annotated_types import Ge, Gt, Le, Len, MinLen
 from torch import Tensor
 from transformers import DynamicCache
 
@@ -52,7 +52,9 @@ class TargetConfig:
     num_actors: Annotated[int, Ge(1)] = 1
     """Target actors (one per device or device group)."""
     gpus_per_actor: Annotated[float, Ge(0)] = 0.0
-    """GPUs each target actor reserves (0 on CPU machines)."""
+    """GPUs each target actor reserves, in one placement-group bundle (0 on CPU machines): a fraction below 1 shares
+    a GPU, a whole number above 1 spreads one large target over that many GPUs of a node (HF device_map, vLLM
+    tensor parallelism)."""
     cpus_per_actor: Annotated[float, Ge(0)] = 1.0
     """CPUs each target actor reserves."""
     num_threads: Annotated[int, Ge(0)] = 0
@@ -61,8 +63,18 @@ class TargetConfig:
     """Extra custom Ray resources per actor, e.g. {"target": 1} to land on target nodes of a cluster."""
     max_restarts: Annotated[int, Ge(0)] = 3
     """Ray restarts of a dead target actor before giving up."""
-    vllm_kv_cache_gib: Annotated[float, Gt(0)] = 1.0
-    """backend=vllm: KV cache per actor in GiB (sequences in flight x their length x layers x 2 x kv heads x hd)."""
+    vllm_kv_cache_gib: Annotated[float, Gt(0)] | None = None
+    """backend=vllm: KV cache per engine rank in GiB (sequences in flight x their length x layers x 2 x kv heads x
+    hd); None = 1 GiB on CPU, and on GPU what vllm_gpu_memory_utilization leaves after weights and activations."""
+    vllm_max_model_len: Annotated[int, Ge(1)] | None = None
+    """backend=vllm: longest sequence (sample, or prompt + reply) the engine serves; None = min(8192, the model's
+    max_position_embeddings). The KV cache must hold one sequence this long."""
+    vllm_gpu_memory_utilization: Annotated[float, Gt(0), Le(1)] = 0.9
+    """backend=vllm on GPU: fraction of each of the actor's GPUs the engine may take (weights, activations, KV
+    cache); at most gpus_per_actor when actors share a GPU."""
+    vllm_tensor_parallel_size: Annotated[int, Ge(0)] = 0
+    """backend=vllm: tensor-parallel ranks per actor; 0 = the actor's GPUs (gpus_per_actor), 1 on CPU. On CPU a
+    value > 1 splits the actor's cores between the ranks (a proof of the TP path, not a speed-up)."""
     vllm_enforce_eager: bool = True
     """backend=vllm: no torch.compile / CUDA graphs (engine start ~25 s instead of ~85 s on CPU)."""
     relabel_cache_mb: Annotated[float, Ge(0)] = 1024.0
@@ -78,8 +90,25 @@ class TargetConfig:
             raise ValueError(f"target.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"target.backend={self.backend!r}: choose hf or vllm")
-        if self.vllm_kv_cache_gib <= 0:
-            raise ValueError(f"target.vllm_kv_cache_gib={self.vllm_kv_cache_gib}: expected > 0")
+        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
+            raise ValueError(f"target.vllm_kv_cache_gib={self.vllm_kv_cache_gib}: expected > 0 (or unset)")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 1:
+            raise ValueError(f"target.vllm_max_model_len={self.vllm_max_model_len}: expected >= 1 (or unset)")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"target.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization}: expected a "
+                             "fraction in (0, 1]")
+        g = self.gpus_per_actor
+        if g < 0 or (g > 1 and not float(g).is_integer()):
+            raise ValueError(f"target.gpus_per_actor={g}: use a fraction below 1 (actors share a GPU) or a whole "
+                             "number of GPUs (one actor spans them); Ray cannot give 1.5 GPUs to one bundle")
+        if self.backend == "vllm" and 0 < g < 1 and self.vllm_gpu_memory_utilization > g:
+            raise ValueError(f"target.vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} is more than "
+                             f"the target.gpus_per_actor={g} share of the GPU: actors sharing it would run out of "
+                             f"memory; set target.vllm_gpu_memory_utilization <= {g}")
+        tp = self.vllm_tensor_parallel_size
+        if tp < 0 or (tp and g >= 1 and tp != int(g)):
+            raise ValueError(f"target.vllm_tensor_parallel_size={tp} but each actor has target.gpus_per_actor={g} "
+                             "GPUs: vLLM runs one rank per GPU; leave it 0 (= the actor's GPUs)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"target.device={self.device!r}: choose auto, cpu or cuda")
         if self.num_actors < 1:
@@ -150,6 +179,27 @@ def length_groups(lengths: list[int], max_group: int = GENERATE_GROUP, waste: fl
     return groups
 
 
+def _load_spread(folder, dtype: torch.dtype, n_gpus: int):
+    """The model spread over GPUs 0..n_gpus-1 (the actor's bundle: Ray sets CUDA_VISIBLE_DEVICES) by accelerate's
+    balanced device_map. max_memory names the GPUs only, so nothing is offloaded to CPU (silently ~100x slower);
+    a model that does not fit fails here."""
+    from transformers import AutoModelForCausalLM
+
+    visible = torch.cuda.device_count()
+    if visible < n_gpus:
+        raise ValueError(f"target.gpus_per_actor={n_gpus} but this actor sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run it as a Ray actor with num_gpus={n_gpus}")
+    free = {i: torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", device_map="auto",
+                                                 max_memory=free)
+    # What overflows the listed GPUs goes to "disk" (read from the safetensors on every forward): refuse it.
+    off = sorted({str(d) for d in model.hf_device_map.values() if not isinstance(d, int)})
+    if off:
+        raise ValueError(f"{folder} does not fit on {n_gpus} GPUs ({sum(free.values()) / 2**30:.1f} GiB free): "
+                         f"device_map put layers on {off}; raise target.gpus_per_actor or use a smaller target.dtype")
+    return model
+
+
 def chat_template_id(tokenizer) -> str:
     template = tokenizer.chat_template or ""
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template else "none"
@@ -168,10 +218,18 @@ class HFTarget:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, attn_implementation="sdpa")
-        self.model.to(self.device).eval().requires_grad_(False)
+        spread = int(cfg.gpus_per_actor) if device == "cuda" and cfg.gpus_per_actor > 1 else 0
+        if spread:
+            self.model = _load_spread(folder, self.dtype, spread)
+            # Inputs go to the embeddings' GPU; every output is brought back to it (features, relabel results).
+            self.device = self.model.get_input_embeddings().weight.device
+        else:
+            self.device = torch.device(device)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, attn_implementation="sdpa")
+            self.model.to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.rng_devices = list(range(spread)) if spread else [self.device] if self.device.type == "cuda" else []
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         text_cfg = self.model.config.get_text_config()
         L = text_cfg.num_hidden_layers
@@ -198,8 +256,10 @@ class HFTarget:
         return f"{self.name}@{os.getpid()}"
 
     def frozen_weights(self) -> FrozenWeights:
-        emb = self.model.get_input_embeddings().weight.detach().float().cpu()
-        head = self.model.get_output_embeddings().weight.detach().float().cpu()
+        """Embeddings and lm_head in the target's dtype, on CPU (the driver puts them in the object store once)."""
+        emb = self.model.get_input_embeddings().weight.detach().cpu()
+        head = self.model.get_output_embeddings().weight.detach()
+        head = emb if head.data_ptr() == self.model.get_input_embeddings().weight.data_ptr() else head.cpu()
         return FrozenWeights(embed_tokens=emb, lm_head=head)
 
     @torch.no_grad()
@@ -229,7 +289,7 @@ class HFTarget:
             for b, i in enumerate(group):  # left padding: every prompt ends where generation starts
                 ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[b, T - len(prompts[i]):] = 1
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=self.rng_devices):
                 torch.manual_seed(params.seed + g)
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           generation_config=config)
@@ -339,8 +399,9 @@ class HFTarget:
         finally:
             for h in handles:
                 h.remove()
-        aux = torch.cat([captured[i] for i in self.aux_layer_ids], dim=-1)
-        return aux, out.last_hidden_state
+        # Spread over GPUs (device_map), layers hand back states on their own GPU: gather on self.device.
+        aux = torch.cat([captured[i].to(self.device) for i in self.aux_layer_ids], dim=-1)
+        return aux, out.last_hidden_state.to(self.device)
 
     def _cache_put(self, batch: Batch, cache: DynamicCache, last: Tensor) -> int:
         """Keep the KV of the batch just forwarded (evicting least recently used entries); its key, or -1."""
@@ -411,19 +472,19 @@ class HFTarget:
             out = self.model.model(input_ids=tokens.reshape(1, n * M),
                                    position_ids=(start[:, None] + torch.arange(M, device=self.device)).reshape(1, -1),
                                    attention_mask=self._bias(allowed), past_key_values=cache, use_cache=True)
-            return tokens, out.last_hidden_state[0].view(n, M, -1)
+            return tokens, out.last_hidden_state[0].view(n, M, -1).to(self.device)
         # Greedy: step m feeds one token per branch; keys are the prefix then steps 0..m, step-major.
         head = self.model.get_output_embeddings()
         toks = torch.empty(n, M, dtype=torch.long, device=self.device)
         hidden = torch.empty(n, M, last.shape[-1], dtype=last.dtype, device=self.device)
-        nxt = head(last[points]).argmax(-1)  # the target's argmax at the branch point
+        nxt = head(last[points]).argmax(-1).to(self.device)  # the target's argmax at the branch point
         for m in range(M):
             allowed = torch.cat([sees_prefix, eye.repeat(1, m + 1)], 1)
             out = self.model.model(input_ids=nxt[None], position_ids=(start + m)[None],
                                    attention_mask=self._bias(allowed), past_key_values=cache, use_cache=True)
-            toks[:, m], hidden[:, m] = nxt, out.last_hidden_state[0]
+            toks[:, m], hidden[:, m] = nxt, out.last_hidden_state[0].to(self.device)
             if m + 1 < M:
-                nxt = head(hidden[:, m]).argmax(-1)
+                nxt = head(hidden[:, m]).argmax(-1).to(self.device)
         return toks, hidden
 
     def _bias(self, allowed: Tensor) -> Tensor:

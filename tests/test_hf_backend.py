@@ -74,3 +74,35 @@ def test_load_errors_are_clear(tmp_path):
         HFTarget(TargetConfig(model=TINY, aux_layer_ids=(1, 2, 6)))
     with pytest.raises(ValueError, match="target.dtype"):
         TargetConfig(dtype="fp8")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs: the spread test runs instead")
+def test_spread_target_needs_its_gpus():
+    """gpus_per_actor=2 loads one target over 2 GPUs; an actor that sees fewer says so instead of loading on one."""
+    with pytest.raises(ValueError, match=r"target.gpus_per_actor=2 but this actor sees [01] GPU\(s\)"):
+        HFTarget(TargetConfig(model=TINY, device="cuda", gpus_per_actor=2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one target spread over both)")
+def test_spread_target_equals_one_gpu():
+    """device_map over 2 GPUs: the same features and relabels as the same target on one GPU (fp32)."""
+    from actors.protocol import RelabelRequest
+
+    one = HFTarget(TargetConfig(model=TINY, device="cuda", gpus_per_actor=1.0))
+    two = HFTarget(TargetConfig(model=TINY, device="cuda", gpus_per_actor=2.0))
+    assert {str(p.device) for p in two.model.parameters()} == {"cuda:0", "cuda:1"}
+    g = torch.Generator().manual_seed(2)
+    samples = [Sample(sample_id=str(i), input_ids=torch.randint(0, 300, (n,), generator=g),
+                      loss_mask=torch.ones(n, dtype=torch.bool)) for i, n in enumerate([9, 6, 12])]
+    batch = pack(samples, max_length=16, rows_per_batch=2)[0]
+    a, b = one.forward(batch), two.forward(batch)
+    assert a.aux_hidden.device.type == b.aux_hidden.device.type == "cpu"
+    torch.testing.assert_close(b.aux_hidden.float(), a.aux_hidden.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(b.last_hidden.float(), a.last_hidden.float(), rtol=1e-2, atol=1e-2)
+    for tokens, length in ((torch.randint(0, 300, (2, 3), generator=g), 0), (None, 3)):  # given and greedy
+        req = dict(batch=batch, rows=torch.tensor([0, 1]), points=torch.tensor([4, 3]), tokens=tokens, length=length)
+        ra = one.relabel(RelabelRequest(key=a.key, **req))
+        rb = two.relabel(RelabelRequest(key=b.key, **req))
+        assert torch.equal(ra.tokens, rb.tokens)
+        torch.testing.assert_close(rb.last_hidden.float(), ra.last_hidden.float(), rtol=1e-2, atol=1e-2)

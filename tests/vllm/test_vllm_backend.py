@@ -98,3 +98,20 @@ def test_bad_inputs_are_named(targets):
                                            tokens=None, length=2))
     with pytest.raises(ValueError, match="no empty prompt"):
         vllm_target.generate([[1, 2], []], GenerationParams())
+
+
+def test_sample_longer_than_max_model_len_is_named(targets):
+    vllm_target, _ = targets
+    assert vllm_target.max_model_len == 2048  # default: min(8192, the tiny target's max_position_embeddings)
+    batch = _packed_batch(lengths=(2048,), max_length=2048)
+    with pytest.raises(ValueError, match="a 2048-token sample does not fit the vLLM target's max_model_len=2048: "
+                                         "raise target.vllm_max_model_len"):
+        vllm_target.forward(batch)
+
+
+def test_kv_cache_too_small_for_max_model_len_is_named(monkeypatch):
+    """vLLM refuses to start when one max_model_len sequence does not fit its KV cache; the error names our knobs."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # it would override vllm_kv_cache_gib on CPU
+    with pytest.raises(ValueError, match=r"the KV cache cannot hold one sequence of max_model_len=2048 tokens; lower "
+                                         r"target.vllm_max_model_len .* or raise target.vllm_kv_cache_gib"):
+        VLLMTarget(TargetConfig(model=TINY, backend="vllm", vllm_kv_cache_gib=0.001), "small-kv")
