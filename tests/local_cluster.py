@@ -166,6 +166,29 @@ class LocalCluster:
                 return names[0] if names else "head"
         raise LookupError(node_id)
 
+    def submit(self, job_id: str, entrypoint: list[str]) -> None:
+        """`ray job submit --no-wait` from the repo root (its working dir is uploaded)."""
+        self._run(["ray", "job", "submit", "--address", self.address, "--submission-id", job_id, "--no-wait",
+                   "--working-dir", str(REPO), "--", *entrypoint])
+
+    def job_status(self, job_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED. Polled, because a `ray job submit` that tails the logs was
+        seen to hang after its job had succeeded (once, after a node of the cluster died)."""
+        out = subprocess.run(["ray", "job", "status", "--address", self.address, job_id], env=self.env,
+                             capture_output=True, text=True, timeout=120)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # the CLI colours its words
+        m = re.search(r"Job '[^']+' (succeeded|failed|was stopped)|Status for job '[^']+': (?:JobStatus\.)?(\w+)", text)
+        if not m:
+            raise RuntimeError(f"ray job status {job_id}: {text[-2000:]}")
+        if m.group(1):
+            return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[m.group(1)]
+        return "RUNNING" if m.group(2) in ("RUNNING", "PENDING") else m.group(2)
+
+    def job_logs(self, job_id: str) -> str:
+        out = subprocess.run(["ray", "job", "logs", "--address", self.address, job_id], env=self.env,
+                             capture_output=True, text=True, timeout=120)
+        return out.stdout + out.stderr
+
     def stop(self) -> None:
         stop_own_cluster(self.temp_dir, self.gcs)
 

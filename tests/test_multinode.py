@@ -8,14 +8,13 @@ land there fails at once, naming it.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import zlib
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.local_cluster import REPO, LocalCluster, MlflowServer, ray_env
+from tests.local_cluster import LocalCluster, MlflowServer, ray_env
 
 EPOCHS = 2
 FAST_NODE_DEATH = {  # the GCS declares a silent node dead after ~3 s instead of ~30 s
@@ -50,12 +49,8 @@ def cluster(tmp_path_factory):
         mlflow.stop()
 
 
-def submit(c: LocalCluster, job_id: str, *sets: str) -> subprocess.Popen:
-    args = [a for s in sets for a in ("--set", s)]
-    return subprocess.Popen(
-        ["ray", "job", "submit", "--address", c.address, "--submission-id", job_id, "--working-dir", ".", "--",
-         "python", "-m", "jobs.train", "--preset", "tiny", *args],
-        cwd=REPO, env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def submit(c: LocalCluster, job_id: str, *sets: str) -> None:
+    c.submit(job_id, ["python", "-m", "jobs.train", "--preset", "tiny", *[a for s in sets for a in ("--set", s)]])
 
 
 def expected_checksum(n_epochs: int) -> tuple[int, int]:
@@ -72,30 +67,29 @@ def expected_checksum(n_epochs: int) -> tuple[int, int]:
 def test_multinode_job_survives_losing_a_target_node(cluster):
     c, mlflow, root = cluster
     storage = root / "shared" / "checkpoints"
-    job = submit(c, "aerie-multinode", f"output_dir={root / 'runs'}", "name=multinode",
+    submit(c, "aerie-multinode", f"output_dir={root / 'runs'}", "name=multinode",
                  "target.num_actors=2", "target.resources={target: 1}",
                  "trainer.num_workers=2", "trainer.resources={trainer: 1}", f"trainer.storage={storage}",
                  f"optim.epochs={EPOCHS}", "tracking.register_model=aerie-multinode-draft",
                  f"data.store_dir={root / 'shared' / 'tokens'}", "data.tokenizer_workers=1")
     client = MlflowClient(mlflow.uri)
     killed, killed_at, deadline = None, None, time.time() + 900
-    try:
-        while job.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-            if killed:
-                continue
-            exp = client.get_experiment_by_name("aerie")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            step = runs[0].data.metrics.get("train_step", 0) if runs else 0
-            if step >= 2:  # training under way: kill the node of a live target actor
-                (actor, *_) = c.list("actors", "class_name=HFTarget", "state=ALIVE")
-                killed, killed_at = c.node_of(actor["node_id"]), step
-                c.kill_node(next(n for n in c.nodes if n.name == killed))
-        log = job.communicate(timeout=max(1, deadline - time.time()))[0]
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0 and "succeeded" in log.lower(), log[-6000:]
+    status, polled = "RUNNING", 0.0
+    while status == "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+        if time.time() - polled > 3:  # `ray job status` is a CLI call (~1 s); MLflow is asked every 0.5 s
+            status, polled = c.job_status("aerie-multinode"), time.time()
+        if killed:
+            continue
+        exp = client.get_experiment_by_name("aerie")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        step = runs[0].data.metrics.get("train_step", 0) if runs else 0
+        if step >= 2:  # training under way: kill the node of a live target actor
+            (actor, *_) = c.list("actors", "class_name=HFTarget", "state=ALIVE")
+            killed, killed_at = c.node_of(actor["node_id"]), step
+            c.kill_node(next(n for n in c.nodes if n.name == killed))
+    log = c.job_logs("aerie-multinode")
+    assert status == "SUCCEEDED" and "[aerie] done" in log, f"{status}: {log[-6000:]}"
     assert killed and killed_at < EPOCHS * 6, f"the kill came too late to test anything (step {killed_at})"
 
     # Placement: 2 targets on the target nodes, 2 trainers on the trainer nodes (dead actors are listed too).
@@ -129,9 +123,11 @@ def test_multinode_job_survives_losing_a_target_node(cluster):
 def test_tracking_server_unreachable_from_a_trainer_node_fails_before_work(cluster):
     c, mlflow, root = cluster
     t0 = time.time()
-    job = submit(c, "aerie-blind", f"output_dir={root / 'runs'}", "name=blind", "trainer.resources={trainer_blind: 1}")
-    log = job.communicate(timeout=600)[0]
-    assert job.returncode != 0, log[-3000:]
+    submit(c, "aerie-blind", f"output_dir={root / 'runs'}", "name=blind", "trainer.resources={trainer_blind: 1}")
+    while (status := c.job_status("aerie-blind")) == "RUNNING" and time.time() - t0 < 300:
+        time.sleep(1)
+    log = c.job_logs("aerie-blind")
+    assert status == "FAILED", f"{status}: {log[-3000:]}"
     assert (f"MLflow tracking URI '{mlflow.uri}' answers on the driver but not on 1 of 1 trainer node(s)" in log
             and "Connection refused" in log and "MLFLOW_TRACKING_URI=http://" in log), log[-3000:]
     assert time.time() - t0 < 300
