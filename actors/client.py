@@ -237,8 +237,8 @@ class RelabelClient:
             ready, _ = ray.wait([ref], timeout=HEALTH_CHECK_S)
             if ready:
                 return ray.get(ref)
-            if actor_state(self.actors[a]) in ("RESTARTING", "DEAD"):
-                raise ActorUnavailableError(f"target actor {a} is {actor_state(self.actors[a])}", None)
+            if (state := actor_state(self.actors[a])) in ("RESTARTING", "DEAD"):
+                raise ActorUnavailableError(f"target actor {a} is {state}", None)
 
     def result(self, ticket: tuple[ray.ObjectRef, int, RelabelRequest]) -> RelabelResult:
         """Block until the relabel is done; resend to the next actor if the one it went to failed."""

@@ -162,6 +162,11 @@ def check_store(uri: str, unreachable_fix: str = TRAIN_URI_FIX):
     return client
 
 
+def brief_error(err: BaseException, limit: int = 200) -> str:
+    """'Type: message' on one line, cut at `limit` characters: for errors quoted inside a longer message."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
 def probe_store(uri: str) -> str:
     """Why `uri` cannot be reached from this process ('' if it can). Run on the nodes a trainer may land on: the
     driver's check_store has created an embedded store, so a missing sqlite file means another node's disk.
@@ -183,7 +188,7 @@ def probe_store(uri: str) -> str:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - any transport error means: unreachable from here
-            return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            return brief_error(err)
         return ""
     req = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
                                  data=json.dumps({"max_results": 1}).encode(), method="POST",
@@ -202,7 +207,7 @@ def probe_store(uri: str) -> str:
                     f"MLFLOW_TRACKING_TOKEN on every node")
         return f"HTTP {err.code} {err.reason}"
     except Exception as err:  # noqa: BLE001 - refused, timed out, no route, DNS
-        return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        return brief_error(err)
 
 
 def open_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None,

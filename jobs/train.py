@@ -22,6 +22,7 @@ import pyarrow.fs
 import yaml
 
 from jobs.config import PRESETS, JobConfig, flatten, load_config, model_settings_diff, to_dict
+from jobs.tracking import brief_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,9 +218,9 @@ def run_storage(cfg: JobConfig):
         fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     except Exception as err:  # noqa: BLE001 - pyarrow says ArrowInvalid or OSError (libhdfs, libjvm missing)
         raise ValueError(
-            f"trainer.storage={uri!r}: its filesystem is not available here ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:200]}). Use a folder every node mounts, or a URI whose filesystem pyarrow "
-            f"supports here (s3://, gs://, abfs://; hdfs:// needs Java and libhdfs)") from err
+            f"trainer.storage={uri!r}: its filesystem is not available here ({brief_error(err)}). Use a folder "
+            f"every node mounts, or a URI whose filesystem pyarrow supports here (s3://, gs://, abfs://; hdfs:// "
+            f"needs Java and libhdfs)") from err
     return fs, f"{path.rstrip('/')}/{cfg.name}"
 
 
@@ -228,8 +229,8 @@ def has_checkpoints(cfg: JobConfig) -> bool:
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except Exception as err:  # noqa: BLE001 - credentials, permissions, network
-        raise ConnectionError(f"trainer.storage={cfg.storage_path()!r} cannot be listed ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:200]}); check its credentials and permissions") from err
+        raise ConnectionError(f"trainer.storage={cfg.storage_path()!r} cannot be listed ({brief_error(err)}); check "
+                              f"its credentials and permissions") from err
     return any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos)
 
 

@@ -64,6 +64,23 @@ def local_ray_pids() -> list[int]:
     return [p.process.pid for procs in node.all_processes.values() for p in procs if p.process is not None]
 
 
+def terminate(procs: list, grace_s: float) -> None:
+    """SIGTERM each psutil.Process, then SIGKILL those still alive after `grace_s` (gone ones are skipped)."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def _guard(uri: str, driver_pid: int) -> None:
     import signal
 
@@ -113,17 +130,7 @@ def _guard(uri: str, driver_pid: int) -> None:
                 procs.append(p)
         except psutil.Error:
             pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    terminate(procs, grace_s=5)
     if run_id is None:
         return
     from mlflow.tracking import MlflowClient

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from jobs.watchdog import terminate
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,17 +63,7 @@ def stop_own_cluster(temp_dir: str, gcs_port: int) -> None:
                 mine.append(p)
         except psutil.Error:
             pass
-    for p in mine:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    terminate(mine, grace_s=15)
 
 
 @dataclass

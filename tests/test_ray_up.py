@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import uuid
 from pathlib import Path
 
 import psutil
+
+from jobs.watchdog import terminate
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "cluster" / "local.yaml"
@@ -61,17 +62,7 @@ def marked(marker: str) -> list[psutil.Process]:
 def stop_marked(marker: str, spare: set[int] = frozenset()) -> list[psutil.Process]:
     """SIGTERM the processes carrying `marker` (except `spare`), SIGKILL what is left after 15 s; returns them."""
     procs = [p for p in marked(marker) if p.pid not in spare]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    terminate(procs, grace_s=15)
     return procs
 
 
