@@ -7,8 +7,12 @@ its log-sum-exp; the k diagonal keys are merged in closed form; and a custom bac
 backward with the MERGED output and log-sum-exp, which is exactly the gradient of the full softmax restricted to
 the causal keys (FlashAttention's split-KV identity). Saved state per step is O(B·H·T·(hd + k)): linear in K.
 
-Two kernels compute the causal block: the fused CPU flash op (`aten._scaled_dot_product_flash_attention_for_cpu`)
-and a portable query-chunked PyTorch version (any device, O(chunk·T) transient memory).
+Kernels for the causal block:
+- `flash_cpu`: the fused CPU flash op (`aten._scaled_dot_product_flash_attention_for_cpu`), custom backward as above;
+- `flex` (CUDA): `flex_attention` compiled to a fused Triton kernel with a document-causal BlockMask (packing
+  without a dense mask), returning the log-sum-exp; flex differentiates through its LSE, so the diagonal merge
+  runs in plain autograd on top of it;
+- `chunked`: a portable query-chunked PyTorch version (any device, O(chunk·T) transient memory).
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ class TTTKV:
     """Per-unroll attention state: step-0 keys/values and the diagonal keys/values of steps 1..k."""
 
     doc_ids: Tensor | None = None  # [B, T] long: sample index inside a packed row, -1 at padding; None = unpacked
-    kernel: str = "auto"  # "auto" | "flash_cpu" | "chunked"
+    kernel: str = "auto"  # "auto" | "flash_cpu" | "flex" | "chunked"
     k0: Tensor | None = None  # [B, Hkv, T, hd]
     v0: Tensor | None = None
     extra_k: list[Tensor] = field(default_factory=list)  # each [B, Hkv, T, hd]
     extra_v: list[Tensor] = field(default_factory=list)
     _mask: Tensor | None = None  # additive [B, 1, T, T] for packed rows, built once per unroll
+    _block_mask: object | None = None  # flex BlockMask (document-causal), built once per unroll
 
     def snapshot(self) -> "TTTKV":
         """A copy that later `push` calls don't change (activation checkpointing recomputes a step later)."""
@@ -54,6 +59,30 @@ class TTTKV:
         if self._mask is None or self._mask.dtype != dtype:
             self._mask = packed_causal_bias(self.doc_ids, dtype)
         return self._mask
+
+
+    def block_mask(self, B: int, T: int, device: torch.device):
+        """The flex BlockMask of this unroll: causal, and within one packed sample when doc_ids is set."""
+        if self._block_mask is None:
+            self._block_mask = document_block_mask(self.doc_ids, B, T, device)
+        return self._block_mask
+
+
+def document_block_mask(doc_ids: Tensor | None, B: int, T: int, device: torch.device):
+    """flex_attention BlockMask: query i sees key j iff j <= i and (doc_ids given) both lie in the same packed
+    sample. Padding (-1) positions see earlier padding, as in `packed_causal_bias`; their outputs are unused."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+        def mask_mod(b, h, q, kv):
+            return kv <= q
+        return create_block_mask(mask_mod, None, None, T, T, device=device)
+    docs = doc_ids.to(device)
+
+    def mask_mod(b, h, q, kv):  # noqa: F811 - one of two closures
+        return (kv <= q) & (docs[b, q] == docs[b, kv])
+
+    return create_block_mask(mask_mod, B, None, T, T, device=device)
 
 
 def packed_causal_bias(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -87,17 +116,68 @@ def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
         k0, v0, extra_k, extra_v = k, v, [], []
     else:
         k0, v0, extra_k, extra_v = kv.k0, kv.v0, [*kv.extra_k, k], [*kv.extra_v, v]
-    k0, v0 = _expand_kv(k0, groups), _expand_kv(v0, groups)
+    kernel = kv.kernel
+    if kernel == "auto":
+        kernel = "flash_cpu" if q.device.type == "cpu" else "flex" if q.device.type == "cuda" else "chunked"
     if extra_k:
         kd = _expand_kv(torch.stack(extra_k, dim=3), groups)  # [B, H, T, k, hd]
         vd = _expand_kv(torch.stack(extra_v, dim=3), groups)
     else:
         kd = vd = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], 0, q.shape[3])
-    kernel = kv.kernel
-    if kernel == "auto":
-        kernel = "flash_cpu" if q.device.type == "cpu" else "chunked"
+    if kernel == "flex":  # GQA inside the kernel: step-0 keys stay at Hkv heads
+        out_c, lse_c = flex_causal(q, k0.to(q.dtype), v0.to(q.dtype), kv.block_mask(q.shape[0], q.shape[2], q.device))
+        return merge_diagonal(q, out_c, lse_c, kd.to(q.dtype), vd.to(q.dtype))
+    k0, v0 = _expand_kv(k0, groups), _expand_kv(v0, groups)
     mask = kv.causal_mask(q.dtype)
     return _TTTAttention.apply(q, k0.to(q.dtype), v0.to(q.dtype), kd.to(q.dtype), vd.to(q.dtype), mask, kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flex: the causal block by flex_attention (differentiable out and LSE), the diagonal keys merged in autograd.
+
+_FLEX = None
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (uncompiled it is a slow reference on CUDA, forward-only on CPU)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def flex_causal(q: Tensor, k: Tensor, v: Tensor, block_mask) -> tuple[Tensor, Tensor]:
+    """(out [B,H,T,hd] in q's dtype, natural-log LSE [B,H,T] fp32) of the causal block; k/v may have fewer (GQA)
+    heads. Compiled on CUDA; elsewhere the eager reference (CPU: forward only, flex has no CPU backward)."""
+    if q.device.type == "cuda":
+        fn = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as fn
+    kw = dict(block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        out, lse = fn(q, k, v, return_lse=True, **kw)
+    else:
+        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+        lse = aux.lse
+    return out, lse.float()
+
+
+def merge_diagonal(q: Tensor, out_c: Tensor, lse_c: Tensor, kd: Tensor, vd: Tensor) -> Tensor:
+    """Merge the causal block's (out, LSE) with each query's k diagonal keys kd/vd [B,H,T,k,hd] (expanded to H):
+    the softmax over [causal keys, diagonal keys] in closed form, in fp32, differentiable in every input."""
+    if kd.shape[3] == 0:
+        return out_c
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    acc = _acc(q)
+    s_d = torch.einsum("bhtd,bhtkd->bhtk", q.to(acc), kd.to(acc)) * scale  # [B, H, T, k]
+    lse = torch.logaddexp(lse_c, torch.logsumexp(s_d, dim=-1))
+    out = (torch.exp(lse_c - lse)[..., None] * out_c.to(acc)
+           + torch.einsum("bhtk,bhtkd->bhtd", torch.exp(s_d - lse[..., None]), vd.to(acc)))
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

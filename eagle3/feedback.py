@@ -109,7 +109,7 @@ def branch_feed(input_ids: Tensor, branches: Branches, tokens: Tensor) -> TokenF
     """Dataset tokens everywhere, except that branch n feeds tokens[n, k-1] at step k >= 1."""
     r, c = branches.rows, branches.cols
 
-    def feed(k: int, _prev_logits: Tensor | None) -> Tensor:
+    def feed(k: int) -> Tensor:
         ids = shift_left(input_ids, 1 + k)
         if k and len(branches):
             ids = ids.clone()

@@ -273,7 +273,12 @@ class Eagle3Draft(nn.Module):
         return self.rotary(x, position_ids)
 
     def project(self, aux_hidden: Tensor) -> Tensor:
-        """fc: concatenated low/mid/high target features [B, T, 3h] → draft hidden [B, T, h]."""
+        """fc: concatenated low/mid/high target features [B, T, 3h] → draft hidden [B, T, h].
+
+        Under autocast fc casts its input itself (a bf16 target's features go in as they are, with no fp32 copy);
+        without it the features are cast to the weights' dtype."""
+        if torch.is_autocast_enabled(aux_hidden.device.type):
+            return self.fc(aux_hidden)
         return self.fc(aux_hidden.to(self.fc.weight.dtype))
 
     def step(

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from eagle3.attention import TTTKV
-from eagle3.loss import Normalization, simulated_accept_length, soft_ce_sum, step_accuracy, step_weights
+from eagle3.loss import (Normalization, ScoredRows, fused_soft_ce, simulated_accept_length, soft_ce_sum, step_accuracy,
+                         step_weights)
 from eagle3.model import Eagle3Draft
 from eagle3.target_head import Teacher
 
@@ -37,10 +38,15 @@ class TTTConfig:
     """Weight of step k is step_decay**k."""
     normalization: Normalization = "valid"
     """'valid': divide each step's loss by its labelled positions; 'official': mean over all B·T positions."""
-    attention_kernel: Literal["auto", "flash_cpu", "chunked"] = "auto"
-    """Causal-block kernel: fused CPU flash op, portable chunked PyTorch, or auto (flash on CPU)."""
+    attention_kernel: Literal["auto", "flash_cpu", "flex", "chunked"] = "auto"
+    """Causal-block kernel: fused CPU flash op, compiled flex_attention (CUDA), portable chunked PyTorch, or auto
+    (flash_cpu on CPU, flex on CUDA, else chunked)."""
     grad_checkpoint: bool = False
     """Recompute each step's activations in backward (less memory, ~30% more compute)."""
+    fused_loss: bool = True
+    """Draft lm_head + soft-CE + argmax fused in row chunks over the scored positions only, gradients computed in
+    the forward (`eagle3.loss.fused_soft_ce`): no [B, T, draft_vocab] tensor is kept per step. False = the
+    reference path (logits, fp32 log-softmax, autograd), kept for parity tests and benchmarks."""
     token_feedback: Literal["data", "draft", "target"] = "data"
     """Tokens fed at steps k >= 1: 'data' = dataset tokens (official recipe); 'draft' = sampled from the draft's
     previous step and labelled by the target on that path (relabel); 'target' = the target's greedy continuation
@@ -63,8 +69,8 @@ class TTTConfig:
             raise ValueError(f"ttt.step_decay must be in (0, 1], got {self.step_decay}")
         if self.normalization not in ("valid", "official"):
             raise ValueError(f"ttt.normalization must be 'valid' or 'official', got {self.normalization!r}")
-        if self.attention_kernel not in ("auto", "flash_cpu", "chunked"):
-            raise ValueError(f"ttt.attention_kernel must be auto|flash_cpu|chunked, got {self.attention_kernel!r}")
+        if self.attention_kernel not in ("auto", "flash_cpu", "flex", "chunked"):
+            raise ValueError(f"ttt.attention_kernel must be auto|flash_cpu|flex|chunked, got {self.attention_kernel!r}")
         if self.token_feedback not in ("data", "draft", "target"):
             raise ValueError(f"ttt.token_feedback must be data|draft|target, got {self.token_feedback!r}")
         if not 0.0 < self.branch_fraction <= 1.0:
@@ -107,7 +113,7 @@ class TTTOutput:
         return float(simulated_accept_length(self.acc_k))
 
 
-TokenFeed = Callable[[int, "Tensor | None"], Tensor]  # (step k, draft logits of step k-1 or None) -> ids [B, T]
+TokenFeed = Callable[[int], Tensor]  # step k -> ids [B, T] embedded at step k
 StepLabels = Callable[[int], StepTargets]
 
 
@@ -121,7 +127,7 @@ def shift_left(x: Tensor, n: int, fill: int | float | bool = 0) -> Tensor:
 
 def data_feed(input_ids: Tensor) -> TokenFeed:
     """Teacher forcing (the official recipe): step k embeds dataset token i+1+k."""
-    return lambda k, _prev_logits: shift_left(input_ids, 1 + k)
+    return lambda k: shift_left(input_ids, 1 + k)
 
 
 def data_label_mask(loss_mask: Tensor, doc_ids: Tensor, k: int) -> Tensor:
@@ -172,10 +178,9 @@ def ttt_unroll(
     hidden = draft.project(aux_hidden)  # [B, T, h]
     B, T = position_ids.shape
     total = hidden.new_zeros((), dtype=torch.float32)
-    loss_k, correct_k, count_k = [], [], []
-    prev_logits: Tensor | None = None
+    loss_k, correct_k, count_k, parts, step_argmax = [], [], [], [], []
     for k in range(cfg.length):
-        ids = feed(k, prev_logits)
+        ids = feed(k)
         pos = position_ids + k
         if cfg.grad_checkpoint and torch.is_grad_enabled():
             hidden, key, value = checkpoint(draft.step, ids, hidden, pos, kv.snapshot(), use_reentrant=False)
@@ -183,28 +188,54 @@ def ttt_unroll(
             hidden, key, value = draft.step(ids, hidden, pos, kv)
         kv.push(key, value)
         tgt = targets(k)
-        Tk = tgt.label_mask.shape[1]
-        logits = draft.compute_logits(hidden[:, :Tk])  # [B, T_k, draft_vocab]
-        position_mask = tgt.label_mask & tgt.in_draft
-        if tgt.weight is not None:
-            position_mask = position_mask * tgt.weight
-        ce = soft_ce_sum(logits, tgt.probs, position_mask)
-        if cfg.normalization == "official":
-            denom = B * T
-        else:
-            denom = (denominators[k] if denominators is not None else tgt.label_mask.sum()).clamp_min(1)
-        step_loss = ce / denom
+        if cfg.fused_loss:  # scored after the loop, all steps in one fused call
+            rows, cols = tgt.label_mask.nonzero(as_tuple=True)  # only these positions are scored or counted
+            w = tgt.in_draft[rows, cols].float()
+            if tgt.weight is not None:
+                w = w * tgt.weight[rows, cols]
+            parts.append(ScoredRows(x=draft.norm(hidden[rows, cols]), probs=tgt.probs, rows=rows, cols=cols, w=w))
+            step_argmax.append(tgt.argmax[rows, cols])
+            count_k.append(torch.tensor(rows.numel(), device=hidden.device))
+            continue
+        ce, correct, count = _reference_step_loss(draft, hidden, tgt)
+        step_loss = ce / _denominator(cfg, k, count, denominators, B * T)
         total = total + weights[k] * step_loss
-        with torch.no_grad():
-            draft_tokens = draft.draft_to_target(logits.argmax(-1))
-            correct, count = step_accuracy(draft_tokens, tgt.argmax, tgt.label_mask)
         loss_k.append(step_loss.detach())
         correct_k.append(correct)
         count_k.append(count)
-        prev_logits = logits
+    if cfg.fused_loss:
+        denom = torch.stack([_denominator(cfg, k, c, denominators, B * T) for k, c in enumerate(count_k)])
+        coef = weights.to(denom.device, torch.float64) / denom  # fp64: exact for fp64 parity tests, cast inside
+        total, ce_k, argmaxes = fused_soft_ce(draft.lm_head.weight, parts, coef)
+        with torch.no_grad():
+            correct = [(draft.draft_to_target(a) == t).sum() for a, t in zip(argmaxes, step_argmax)]
+        return TTTOutput(loss=total, loss_k=(ce_k / denom).float(), correct_k=torch.stack(correct),
+                         count_k=torch.stack(count_k))
     return TTTOutput(
         loss=total,
         loss_k=torch.stack(loss_k),
         correct_k=torch.stack(correct_k),
         count_k=torch.stack(count_k),
     )
+
+
+def _denominator(cfg: TTTConfig, k: int, count: Tensor, denominators: Tensor | None, positions: int) -> Tensor:
+    """Normaliser of step k's loss: all B·T positions ('official'), else the labelled ones (global under DDP)."""
+    if cfg.normalization == "official":
+        return torch.tensor(float(positions), dtype=torch.float64, device=count.device)
+    return (denominators[k] if denominators is not None else count).clamp_min(1).to(torch.float64)
+
+
+def _reference_step_loss(draft: Eagle3Draft, hidden: Tensor, tgt: StepTargets) -> tuple[Tensor, Tensor, Tensor]:
+    """(soft-CE sum, correct, count) of one step through materialised [B, T_k, draft_vocab] logits and autograd
+    (`TTTConfig.fused_loss=False`: the reference the fused loss is tested against)."""
+    Tk = tgt.label_mask.shape[1]
+    logits = draft.compute_logits(hidden[:, :Tk])  # [B, T_k, draft_vocab]
+    position_mask = tgt.label_mask & tgt.in_draft
+    if tgt.weight is not None:
+        position_mask = position_mask * tgt.weight
+    ce = soft_ce_sum(logits, tgt.probs, position_mask)
+    with torch.no_grad():
+        draft_tokens = draft.draft_to_target(logits.argmax(-1))
+        correct, count = step_accuracy(draft_tokens, tgt.argmax, tgt.label_mask)
+    return ce, correct, count

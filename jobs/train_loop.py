@@ -103,12 +103,12 @@ class Learner:
                  total_steps: int, device: torch.device) -> None:
         torch.manual_seed(cfg.optim.seed)
         self.cfg, self.device = cfg, device
-        # Frozen weights arrive in the target's dtype; the embedding stays in it (the draft casts what it looks up),
-        # the head's full-vocab argmax runs in fp32 as before (chunked, see TargetHead).
+        # Frozen weights arrive in the target's dtype and stay in it: the draft casts what it looks up, and the
+        # teacher's matmuls run in it (bf16 targets: AMX / tensor cores), softmax in fp32 (see TargetHead).
         self.draft = Eagle3Draft(draft_cfg, embed_weight=weights.embed_tokens)
         self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
         self.draft.to(device)
-        self.head = TargetHead(weights.lm_head.to(device, torch.float32), vocab.t2d.to(device))
+        self.head = TargetHead(weights.lm_head.to(device), vocab.t2d.to(device))
         self.module: nn.Module = TTTModule(self.draft, cfg.ttt)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.draft.trainable_parameters(), lr=o.lr, betas=o.betas,
@@ -143,7 +143,7 @@ class Learner:
         if t.token_feedback == "draft":
             dev = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                samples = sample_draft_path(self.draft, tb.aux_hidden.to(self.device, torch.float32), dev.input_ids,
+                samples = sample_draft_path(self.draft, tb.aux_hidden.to(self.device), dev.input_ids,
                                             dev.position_ids, dev.doc_ids, dbr, t.length - 1, t.draft_temperature, g,
                                             t.attention_kernel)
             tokens = samples.tokens.cpu()
@@ -156,15 +156,15 @@ class Learner:
         """One optimizer step on a target batch; `weight`=0 contributes no gradient (uneven DDP shards).
         With a `plan`, steps >= 1 feed the planned branch tokens and are labelled by the target's `relabel`."""
         batch = tb.batch.to(self.device)
-        aux = tb.aux_hidden.to(self.device, torch.float32)
-        teacher = self.head(tb.last_hidden.to(self.device, torch.float32))
+        aux = tb.aux_hidden.to(self.device)  # target dtype: fc casts it (to bf16 under autocast, else fp32)
+        teacher = self.head(tb.last_hidden.to(self.device))
         survival = None
         if plan is None:
             feed, targets = data_feed(batch.input_ids), data_targets(teacher, batch.loss_mask, batch.doc_ids)
         else:
             t = self.cfg.ttt
             br, tokens = plan.branches, relabel.tokens.to(self.device)
-            bteacher = self.head(relabel.last_hidden.to(self.device, torch.float32))
+            bteacher = self.head(relabel.last_hidden.to(self.device))
             weights = None
             if plan.samples is not None:
                 greedy = survival_weights(teacher, bteacher, br, plan.samples, greedy=True)
