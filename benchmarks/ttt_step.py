@@ -1,12 +1,22 @@
-"""Benchmark one EAGLE-3 TTT training step (forward + backward of `ttt_unroll`) on CPU.
+"""Benchmark one EAGLE-3 trainer step on CPU: teacher + TTT unroll forward + backward + AdamW, as `Learner.step`.
 
-Kernels compared on the same draft, inputs and unroll:
-  flash_cpu  Aerie's default: fused CPU flash op for the causal block, diagonal keys merged in closed form, custom
-             backward; saved attention state is linear in K.
-  chunked    Aerie's portable query-chunked kernel (same merge and backward).
+Paths compared on the same draft, inputs and unroll (same weights, same seed):
+  aerie      the trainer's default: attention kernel `auto` (CPU: the chunked kernel with bf16 matmuls up to 1,024
+             positions, the fused CPU flash op above; diagonal keys merged in closed form, custom backward),
+             fused draft-vocab loss (`TTTConfig.fused_loss`: lm_head + soft-CE + argmax in row chunks, gradients
+             in the forward), teacher in the target's dtype (bf16), target features fed without an fp32 copy.
+  before     the trainer before issue 13: CPU flash attention, materialised [T, draft_vocab] logits with an fp32
+             log-softmax per step (`fused_loss=False`), fp32 teacher over fp32 copies of the features.
+  aerie-flash  `aerie` with the fused CPU flash attention op at every T (an ablation of the auto choice).
   eager      the official-style baseline (SafeAILab EAGLE-3 `cnets.py`, SpecForge's sdpa path), defined below:
-             materialise the [B,H,T,T] causal scores, concat the per-step diagonal scores, fp32 softmax, and let
-             autograd save the [B,H,T,T+k] probabilities of every step (memory K·T²).
+             materialise the [B,H,T,T] causal scores, concat the per-step diagonal scores, fp32 softmax, let
+             autograd save the [B,H,T,T+k] probabilities of every step (memory K·T²), materialised logits; its
+             teacher is Aerie's (in the target's dtype), so the comparison isolates the draft's step.
+All run under bf16 autocast over fp32 master weights (the trainer's default, `optim.bf16`) unless --dtype fp32.
+
+Goals (issue 13), computed from the rows of one run: `aerie` tokens/s at the demo shapes (h 576, T 512, K 7, draft
+vocab 8,192) against the FLOP floor = draft FLOPs per token ÷ a bf16 matmul rate measured in the same run at the
+step's own GEMM shapes; `aerie` vs `eager` speed at T = 512 and 2,048; peak memory at T = 2,048, K = 7.
 
 Each config runs in a fresh subprocess (`--one '<json>'`) so peak RSS does not leak across configs. Peak MiB is
 the growth of `ru_maxrss` over the RSS after model and inputs are built, i.e. activations + gradients of one step
@@ -14,9 +24,8 @@ the growth of `ru_maxrss` over the RSS after model and inputs are built, i.e. ac
 threads) is recorded too, since it is far less disturbed when other jobs share the cores. Teacher labels are built
 directly from random logits (the target lm_head is not part of the draft's step).
 
-    python benchmarks/ttt_step.py          # full grid, 3 timed steps: ~45 min on 2 cores (fp32)
-    python benchmarks/ttt_step.py --quick  # 12-14 min on 2 cores: 1 timed step, fewer rows (`quick_skips`)
-    python benchmarks/ttt_step.py --hidden 576 --T 512 --K 7 --kernels flash_cpu,eager --steps 5
+    python benchmarks/ttt_step.py                  # the goal grid: h 576, T 512/2048, K 7, 4 paths, 1 thread
+    python benchmarks/ttt_step.py --hidden 576 --T 512 --K 7 --paths aerie,eager --steps 5
 """
 
 from __future__ import annotations
@@ -44,20 +53,27 @@ from transformers import LlamaConfig
 import eagle3.model
 from eagle3.attention import TTTKV
 from eagle3.model import DraftConfig, Eagle3Draft
-from eagle3.target_head import Teacher
+from eagle3.target_head import TargetHead
 from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_targets, ttt_unroll
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ttt_step.json"
-DRAFT_VOCAB = 32000
-KERNELS = ("flash_cpu", "chunked", "eager")
+PATHS = ("aerie", "aerie-flash", "before", "eager")
 
-# Target shapes: SmolLM2-135M and a Llama-3.2-1B-like model (plain RoPE; llama3 scaling does not change compute).
+# Target shapes: SmolLM2-135M (the demo's), a Llama-3.2-1B-like and a Llama-3.1-8B-like model (plain RoPE; llama3
+# scaling does not change compute), each with the draft vocab its preset uses.
 TARGETS = {
     576: dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
-              vocab_size=49152, num_hidden_layers=30, rope_theta=100000.0),
+              vocab_size=49152, num_hidden_layers=30, rope_theta=100000.0, draft_vocab=8192),
     2048: dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192,
-               vocab_size=128256, num_hidden_layers=16, rope_theta=500000.0),
+               vocab_size=128256, num_hidden_layers=16, rope_theta=500000.0, draft_vocab=32000),
+    4096: dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+               vocab_size=128256, num_hidden_layers=32, rope_theta=500000.0, draft_vocab=32000),
 }
+DRAFT_VOCAB = None  # None: the target's own (TARGETS[h]["draft_vocab"]); an int overrides every shape
+
+
+def draft_vocab_of(hidden: int) -> int:
+    return DRAFT_VOCAB or TARGETS[hidden]["draft_vocab"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,87 +117,193 @@ def attention_patch(kernel: str):
     return contextlib.nullcontext()
 
 
+def path_settings(path: str) -> dict:
+    """How each benchmarked path runs: attention kernel, fused loss, teacher dtype ('target' = bf16 as shipped)."""
+    return {
+        "aerie": dict(kernel="auto", fused=True, teacher="target"),
+        "aerie-flash": dict(kernel="flash_cpu", fused=True, teacher="target"),
+        "before": dict(kernel="flash_cpu", fused=False, teacher="fp32"),
+        "chunked": dict(kernel="chunked", fused=True, teacher="target"),
+        "eager": dict(kernel="eager", fused=False, teacher="target"),
+        # kernel names of earlier versions of this script: the attention kernel alone, materialised logits
+        "flash_cpu": dict(kernel="flash_cpu", fused=False, teacher="fp32"),
+    }[path]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model, inputs, one step
 
 
 def draft_config(hidden: int) -> DraftConfig:
     """DraftConfig of one of the benchmark targets, built through the HF config as the trainer does."""
-    t = dict(TARGETS[hidden])
+    t = {k: v for k, v in TARGETS[hidden].items() if k != "draft_vocab"}
     theta = t.pop("rope_theta")
     target = LlamaConfig(**t, rms_norm_eps=1e-5, max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "rope_theta": theta})
-    return DraftConfig.from_target_config(target, draft_vocab_size=DRAFT_VOCAB)
+    return DraftConfig.from_target_config(target, draft_vocab_size=draft_vocab_of(hidden))
 
 
-def build(hidden: int, T: int, seed: int = 0) -> tuple[Eagle3Draft, dict]:
-    """Random draft and one packed-free batch (B=1, one sample per row, every token labelled)."""
+def build(hidden: int, T: int, seed: int = 0, device: str = "cpu", target_dtype=torch.bfloat16) -> tuple[Eagle3Draft, dict]:
+    """Random draft, the target's lm_head, and one batch (B=1, one sample per row, every token labelled).
+
+    The target's outputs (aux features, last hidden, lm_head, embeddings) are in `target_dtype`, as a bf16 target
+    ships them; `batch["teacher"]` holds the labels as `path_settings(..)["teacher"] == "target"` computes them."""
     torch.manual_seed(seed)
     cfg = draft_config(hidden)
-    draft = Eagle3Draft(cfg, embed_weight=torch.randn(cfg.vocab_size, cfg.hidden_size))
+    dev = torch.device(device)
+    embed = torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=target_dtype)
+    draft = Eagle3Draft(cfg, embed_weight=embed).to(dev)
     B = 1
-    logits = 4 * torch.randn(B, T, DRAFT_VOCAB)  # stand-in for the target's logits over the draft vocab
-    argmax = draft.draft_to_target(logits.argmax(-1))
+    lm_head = (torch.randn(cfg.vocab_size, cfg.hidden_size) / math.sqrt(cfg.hidden_size) * 4).to(target_dtype)
     batch = dict(
-        input_ids=torch.randint(0, cfg.vocab_size, (B, T)),
-        aux_hidden=torch.randn(B, T, 3 * cfg.hidden_size),  # [B, T, 3h]
-        position_ids=torch.arange(T).repeat(B, 1),  # [B, T]
-        loss_mask=torch.ones(B, T, dtype=torch.bool),
-        doc_ids=torch.zeros(B, T, dtype=torch.long),
-        teacher=Teacher(probs=logits.softmax(-1), argmax=argmax, in_draft=draft.t2d[argmax]),
+        input_ids=torch.randint(0, cfg.vocab_size, (B, T)).to(dev),
+        aux_hidden=torch.randn(B, T, 3 * cfg.hidden_size, dtype=target_dtype).to(dev),  # [B, T, 3h]
+        last_hidden=torch.randn(B, T, cfg.hidden_size, dtype=target_dtype).to(dev),  # [B, T, h] post final norm
+        position_ids=torch.arange(T).repeat(B, 1).to(dev),  # [B, T]
+        loss_mask=torch.ones(B, T, dtype=torch.bool, device=dev),
+        doc_ids=torch.zeros(B, T, dtype=torch.long, device=dev),
+        lm_head=lm_head.to(dev),
     )
+    batch["heads"] = {"target": TargetHead(batch["lm_head"], draft.t2d), "fp32": None}
+    batch["teacher"] = batch["heads"]["target"](batch["last_hidden"])
     return draft, batch
 
 
+def teacher_for(batch: dict, kind: str):
+    """The teacher labels as path kind 'target' (head in the target dtype) or 'fp32' (fp32 head, fp32 features)."""
+    if kind == "target":
+        return batch["heads"]["target"](batch["last_hidden"])
+    if batch["heads"]["fp32"] is None:
+        batch["heads"]["fp32"] = TargetHead(batch["lm_head"].float(), batch["heads"]["target"].t2d)
+    return batch["heads"]["fp32"](batch["last_hidden"].float())
+
+
 def train_step(draft: Eagle3Draft, batch: dict, K: int, kernel: str, grad_checkpoint: bool = False,
-               dtype: str = "fp32") -> TTTOutput:
-    """Forward + backward of the K-step TTT unroll with the given attention kernel; gradients land in `draft`."""
+               dtype: str = "bf16", fused: bool = True, teacher=None) -> TTTOutput:
+    """Forward + backward of the K-step TTT unroll with the given attention kernel; gradients land in `draft`.
+    `teacher` defaults to batch["teacher"]; the features go in as shipped unless the teacher is fp32 (then as the
+    pre-issue-13 trainer did, as an fp32 copy)."""
     cfg = TTTConfig(length=K, attention_kernel="auto" if kernel == "eager" else kernel,
-                    grad_checkpoint=grad_checkpoint)
+                    grad_checkpoint=grad_checkpoint, fused_loss=fused)
+    teacher = teacher if teacher is not None else batch["teacher"]
+    aux = batch["aux_hidden"] if teacher.probs.dtype != torch.float32 else batch["aux_hidden"].float()
     feed = data_feed(batch["input_ids"])
-    targets = data_targets(batch["teacher"], batch["loss_mask"], batch["doc_ids"])
+    targets = data_targets(teacher, batch["loss_mask"], batch["doc_ids"])
+    dev = batch["input_ids"].device.type
     # The patch covers backward too: with grad checkpointing each step's attention is recomputed there.
     with attention_patch(kernel):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = ttt_unroll(draft, batch["aux_hidden"], batch["position_ids"], batch["doc_ids"], feed, targets, cfg)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            out = ttt_unroll(draft, aux, batch["position_ids"], batch["doc_ids"], feed, targets, cfg)
         out.loss.backward()
     return out
 
 
-def attn_state_bytes(hidden: int, T: int, K: int, kernel: str, B: int = 1, elem: int = 4) -> int:
-    """Analytic bytes of the attention tensors saved for backward over the whole unroll (GQA k/v expanded to H),
-    without grad checkpointing (which keeps only each step's inputs and recomputes the rest).
+def trainer_step(draft: Eagle3Draft, batch: dict, opt: torch.optim.Optimizer, spec: dict) -> TTTOutput:
+    """What `Learner.step` does for one batch: teacher, unroll forward + backward, grad clip, AdamW, zero_grad."""
+    ps = path_settings(spec["path"])
+    teacher = teacher_for(batch, ps["teacher"])
+    out = train_step(draft, batch, spec["K"], ps["kernel"], spec["grad_checkpoint"], spec["dtype"], ps["fused"],
+                     teacher)
+    torch.nn.utils.clip_grad_norm_(draft.trainable_parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out
 
-    flash_cpu/chunked, step k: q, k0, v0, out [T,hd] + k diagonal keys/values + lse, per head.
-    eager, step k: fp32 probs [T,T+k] + q, k0, v0 and the k diagonal keys/values, per head.
-    Both match the bytes that `saved_tensors_hooks` see inside the attention call.
+
+def flops_per_token(hidden: int, T: int, K: int, doc_lengths: list[int] | None = None) -> dict[str, float]:
+    """Draft FLOPs per trained token of one TTT step (forward + backward = 3 × forward = 6 × MACs), by part.
+
+    fc: 3h·h. Each of the K steps: q/k/v projections from 2h, o projection, SwiGLU MLP (3·h·I), draft lm_head
+    (h·Vd), and causal attention (QKᵀ and PV: 2·H·hd MACs per visible key; a token of a document of length n sees
+    (n+1)/2 keys on average, plus k diagonal keys at step k). The teacher (target lm_head, forward only,
+    2·h·V) is reported apart: it is not the draft's work.
+    """
+    c = TARGETS[hidden]
+    h, H, Hkv, hd, inter = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], \
+        c["intermediate_size"]
+    lengths = doc_lengths or [T]
+    mean_keys = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    macs = dict(fc=3 * h * h, proj=K * (2 * h * (H + 2 * Hkv) * hd + H * hd * h), mlp=K * 3 * h * inter,
+                lm_head=K * h * draft_vocab_of(hidden),
+                attention=sum(2 * H * hd * (mean_keys + k) for k in range(K)))
+    out = {k: 6.0 * v for k, v in macs.items()}
+    out["draft"] = sum(out.values())
+    out["teacher"] = 2.0 * h * c["vocab_size"]
+    return out
+
+
+def gemm_shapes(hidden: int, T: int) -> list[tuple[int, int, int, int]]:
+    """(M, K, N, count per TTT step) of the draft's forward GEMMs at T rows; backward runs the same sizes."""
+    c = TARGETS[hidden]
+    h, H, Hkv, hd, inter = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], \
+        c["intermediate_size"]
+    return [(T, 2 * h, H * hd, 1), (T, 2 * h, Hkv * hd, 2), (T, H * hd, h, 1), (T, h, inter, 2), (T, inter, h, 1),
+            (T, h, draft_vocab_of(hidden), 1)]
+
+
+def matmul_rate(hidden: int, T: int, threads: int, repeats: int = 7) -> dict:
+    """bf16 GFLOP/s of the step's own forward GEMM shapes (FLOP-weighted: total FLOPs ÷ total best times),
+    best of `repeats` each, with `threads` torch threads; the fp32 rate of the largest shape for comparison."""
+    torch.set_num_threads(threads)
+    total_flop, total_s, per = 0.0, 0.0, []
+    for M, Kd, N, count in gemm_shapes(hidden, T):
+        a, b = torch.randn(M, Kd).bfloat16(), torch.randn(Kd, N).bfloat16()
+        best = _best_time(lambda: a @ b, repeats)
+        flop = 2.0 * M * Kd * N * count
+        total_flop, total_s = total_flop + flop, total_s + best * count
+        per.append(dict(shape=[M, Kd, N], gflops=2.0 * M * Kd * N / best / 1e9))
+    M, Kd, N, _ = gemm_shapes(hidden, T)[-1]
+    a, b = torch.randn(M, Kd), torch.randn(Kd, N)
+    fp32 = 2.0 * M * Kd * N / _best_time(lambda: a @ b, repeats) / 1e9
+    return dict(bf16_gflops=total_flop / total_s / 1e9, fp32_gflops_lm_head=fp32, shapes=per)
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def attn_state_bytes(hidden: int, T: int, K: int, kernel: str, B: int = 1, elem: int = 2) -> int:
+    """Analytic bytes of the attention tensors saved for backward over the whole unroll (GQA k/v expanded to H),
+    without grad checkpointing (which keeps only each step's inputs and recomputes the rest); elem = bytes per
+    q/k/v element (2 under bf16 autocast).
+
+    flash_cpu/chunked, step k: q, k0, v0, out [T,hd] + k diagonal keys/values + fp32 lse, per head.
+    eager, step k: probs [T,T+k] (cast back to q's dtype) + q, k0, v0 and the k diagonal keys/values, per head.
     """
     H, hd = TARGETS[hidden]["num_attention_heads"], TARGETS[hidden]["head_dim"]
+    kernel = path_settings(kernel)["kernel"] if kernel in PATHS else kernel
     total = 0
     for k in range(K):
         if kernel == "eager":
-            total += B * H * T * ((T + k) * 4 + (3 + 2 * k) * hd * elem)
+            total += B * H * T * ((T + k) * elem + (3 + 2 * k) * hd * elem)
         else:
             total += B * H * T * ((4 + 2 * k) * hd * elem + 4)
     return total
 
 
-def estimate_peak_gib(hidden: int, T: int, K: int, kernel: str) -> float:
-    """Rough absolute peak RSS of a config (model + grads + activations + attention), to skip obvious OOMs.
+def estimate_peak_gib(hidden: int, T: int, K: int, path: str) -> float:
+    """Rough absolute peak RSS of a config (model + grads + Adam + activations + attention), to skip obvious OOMs.
 
-    Non-attention activations per step: ~1.5 [T, draft_vocab] fp32 (log-softmax saved, logits and grads in
-    flight), ~20 [T, h] and ~4 [T, I] tensors (fitted to measured flash_cpu peaks); the eager kernel adds ~3
-    transient [H, T, T+K] fp32 score tensors on top of its saved state.
+    Non-attention activations per step: ~1.5 [T, draft_vocab] fp32 with materialised logits (log-softmax saved,
+    logits and grads in flight), ~20 [T, h] and ~4 [T, I] tensors; the eager kernel adds ~3 transient
+    [H, T, T+K] fp32 score tensors on top of its saved state.
     """
     cfg = draft_config(hidden)
     h, inter, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     with torch.device("meta"):  # parameter counts without allocating
         draft = Eagle3Draft(cfg)
     trainable = sum(p.numel() for p in draft.trainable_parameters())
-    model = 4 * (2 * trainable + cfg.vocab_size * h) + 0.5 * 2**30  # params + grads + frozen embed + runtime
-    acts = 4 * T * K * (1.5 * DRAFT_VOCAB + 20 * h + 4 * inter)
-    transient = 3 * H * T * (T + K) * 4 if kernel == "eager" else 0
-    return (model + acts + transient + attn_state_bytes(hidden, T, K, kernel)) / 2**30
+    model = 4 * (4 * trainable) + 2 * 2 * cfg.vocab_size * h + 0.5 * 2**30  # params, grads, Adam; embed + head
+    logits = 0 if path_settings(path)["fused"] else 1.5 * cfg.draft_vocab_size
+    acts = 4 * T * K * (logits + 20 * h + 4 * inter)
+    transient = 3 * H * T * (T + K) * 4 if path_settings(path)["kernel"] == "eager" else 0
+    return (model + acts + transient + attn_state_bytes(hidden, T, K, path)) / 2**30
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,9 +311,13 @@ def estimate_peak_gib(hidden: int, T: int, K: int, kernel: str) -> float:
 
 
 def run_one(spec: dict) -> dict:
-    """Build, then time 1 warm-up + `steps` forward+backward steps; peak RSS growth over the built state."""
+    """Build, then time 1 warm-up + `steps` trainer steps; peak RSS growth over the built state."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("draft_vocab"):
+        global DRAFT_VOCAB
+        DRAFT_VOCAB = spec["draft_vocab"]
     draft, batch = build(spec["hidden"], spec["T"])
+    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4)
     try:  # reset the RSS high-water mark so transient build memory does not hide the step's peak (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -200,22 +326,21 @@ def run_one(spec: dict) -> dict:
     times, cpu_times, loss = [], [], None
     for _ in range(1 + spec["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = train_step(draft, batch, spec["K"], spec["kernel"], spec["grad_checkpoint"], spec["dtype"])
+        out = trainer_step(draft, batch, opt, spec)
         times.append(time.perf_counter() - t0)
         cpu_times.append((time.process_time() - c0) / spec["threads"])
         loss = out.loss.item()
         del out
-        draft.zero_grad()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step_s = statistics.median(times[1:])
-    return dict(spec, step_s=step_s, tokens_per_s=spec["T"] / step_s, cpu_s=statistics.median(cpu_times[1:]),
-                peak_mib=(peak_kib - base_kib) / 1024, base_mib=base_kib / 1024, warmup_s=times[0],
-                times_s=times[1:], loss=loss)
+    step_s = min(times[1:])
+    return dict(spec, step_s=step_s, tokens_per_s=spec["T"] / step_s, cpu_s=min(cpu_times[1:]),
+                median_step_s=statistics.median(times[1:]), peak_mib=(peak_kib - base_kib) / 1024,
+                base_mib=base_kib / 1024, warmup_s=times[0], times_s=times[1:], loss=loss)
 
 
-def spawn_one(spec: dict) -> dict:
-    """Run `spec` in a fresh interpreter (this script with --one) and return its result record."""
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+def spawn(arg: str, spec: dict) -> dict:
+    """Run `spec` in a fresh interpreter (this script with --one/--rate) and return its result record."""
+    proc = subprocess.run([sys.executable, __file__, arg, json.dumps(spec)], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -228,20 +353,23 @@ def spawn_one(spec: dict) -> dict:
 # Sanity check and report
 
 
-def check_eager_matches(hidden: int = 576, T: int = 256, K: int = 7) -> dict:
-    """Same draft and inputs through every kernel: loss and gradients must agree with the eager baseline."""
+def check_paths_match(hidden: int = 576, T: int = 256, K: int = 7) -> dict:
+    """Same draft, inputs and fp32 teacher through every path in fp32: loss and gradients must agree with eager
+    (T=256: `aerie` runs the chunked kernel, `aerie-flash` the CPU flash op)."""
     draft, batch = build(hidden, T)
+    teacher = teacher_for(batch, "fp32")
     res = {}
-    for kernel in ("eager", "flash_cpu", "chunked"):
+    for path in ("eager", "aerie", "aerie-flash"):
+        ps = path_settings(path)
         draft.zero_grad()
-        out = train_step(draft, batch, K, kernel)
-        res[kernel] = (out.loss.detach(), out.loss_k, [p.grad.clone() for p in draft.trainable_parameters()])
+        out = train_step(draft, batch, K, ps["kernel"], dtype="fp32", fused=ps["fused"], teacher=teacher)
+        res[path] = (out.loss.detach(), out.loss_k, [p.grad.clone() for p in draft.trainable_parameters()])
     ref_loss, ref_k, ref_g = res["eager"]
     report = dict(hidden=hidden, T=T, K=K, loss_eager=ref_loss.item())
-    for kernel in ("flash_cpu", "chunked"):
-        loss, loss_k, grads = res[kernel]
-        report[kernel] = dict(
-            loss_abs_diff=(loss - ref_loss).abs().item(),
+    for path in ("aerie", "aerie-flash"):
+        loss, loss_k, grads = res[path]
+        report[path] = dict(
+            loss_rel_diff=((loss - ref_loss).abs() / ref_loss.abs()).item(),
             loss_k_max_abs_diff=(loss_k - ref_k).abs().max().item(),
             grad_max_rel_diff=max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
                                   for g, r in zip(grads, ref_g)),
@@ -249,27 +377,52 @@ def check_eager_matches(hidden: int = 576, T: int = 256, K: int = 7) -> dict:
     return report
 
 
-def quick_skips(spec: dict) -> bool:
-    """Rows --quick (which also times 1 step) leaves out: eager at its slowest shape (hidden 2048, T=2048, K=7:
-    minutes per step on 2 cores) and the chunked kernel except at hidden 576."""
-    if spec["kernel"] == "flash_cpu":
-        return False
-    if spec["kernel"] == "chunked" and spec["hidden"] != 576:
-        return True
-    return (spec["hidden"], spec["T"], spec["K"]) == (2048, 2048, 7)
+def goals(rows: list[dict], rates: dict) -> list[dict]:
+    """Issue 13's goals from this run's rows: % of the FLOP floor, speed-up vs eager, memory vs eager."""
+    by = {(r["hidden"], r["T"], r["K"], r["path"]): r for r in rows if "step_s" in r}
+    out = []
+    for (h, T, K, path), r in sorted(by.items()):
+        if path != "aerie":
+            continue
+        rate = rates.get(f"{h}/{T}", {}).get("bf16_gflops")
+        g = dict(hidden=h, T=T, K=K, tokens_per_s=r["tokens_per_s"])
+        if rate:
+            floor = rate * 1e9 / flops_per_token(h, T, K)["draft"]
+            g.update(floor_tokens_per_s=floor, pct_of_floor=100 * r["tokens_per_s"] / floor, matmul_gflops=rate)
+        for other in ("eager", "before"):
+            o = by.get((h, T, K, other))
+            if o:
+                g[f"speedup_vs_{other}"] = o["step_s"] / r["step_s"]
+                g[f"cpu_speedup_vs_{other}"] = o["cpu_s"] / r["cpu_s"]
+                g[f"peak_ratio_vs_{other}"] = r["peak_mib"] / o["peak_mib"] if o["peak_mib"] > 0 else None
+        out.append(g)
+    return out
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| hidden | T | K | kernel | tokens/s | step s | CPU s | peak MiB | attn state MiB |",
+    lines = ["| hidden | T | K | path | tokens/s | step s | CPU s | peak MiB | attn state MiB |",
              "|---:|---:|---:|:---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        head = f"| {r['hidden']} | {r['T']} | {r['K']} | {r['kernel']} |"
+        head = f"| {r['hidden']} | {r['T']} | {r['K']} | {r['path']} |"
         state = f"{r['attn_state_mib']:.0f}"
         if "step_s" in r:
             lines.append(f"{head} {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | "
                          f"{r['peak_mib']:.0f} | {state} |")
         else:
             lines.append(f"{head} {r['status']} | – | – | – | {state} |")
+    return "\n".join(lines)
+
+
+def goals_table(gs: list[dict]) -> str:
+    lines = ["| hidden | T | K | aerie tok/s | floor tok/s (matmul GFLOP/s) | % of floor | × eager (CPU s) | "
+             "× before (CPU s) | peak vs eager |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    f = lambda g, k, fmt: fmt.format(g[k]) if g.get(k) is not None else "–"  # noqa: E731
+    for g in gs:
+        floor = f"{g['floor_tokens_per_s']:.0f} ({g['matmul_gflops']:.0f})" if "floor_tokens_per_s" in g else "–"
+        lines.append(f"| {g['hidden']} | {g['T']} | {g['K']} | {g['tokens_per_s']:.0f} | {floor} | "
+                     f"{f(g, 'pct_of_floor', '{:.0f}%')} | {f(g, 'speedup_vs_eager', '{:.2f}')} "
+                     f"({f(g, 'cpu_speedup_vs_eager', '{:.2f}')}) | {f(g, 'speedup_vs_before', '{:.2f}')} "
+                     f"({f(g, 'cpu_speedup_vs_before', '{:.2f}')}) | {f(g, 'peak_ratio_vs_eager', '{:.2f}')} |")
     return "\n".join(lines)
 
 
@@ -288,48 +441,58 @@ def csv(kind):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=csv(int), default=[576, 2048], help="target hidden sizes (576, 2048)")
+    p.add_argument("--hidden", type=csv(int), default=[576], help=f"target hidden sizes {sorted(TARGETS)}")
     p.add_argument("--T", type=csv(int), default=[512, 2048], help="sequence lengths")
-    p.add_argument("--K", type=csv(int), default=[1, 7], help="TTT lengths")
-    p.add_argument("--kernels", type=csv(str), default=list(KERNELS), help="flash_cpu,chunked,eager")
-    p.add_argument("--steps", type=int, help="timed steps per config (median) after 1 warm-up; 3, or 1 with --quick")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = CPU autocast, fp32 weights")
+    p.add_argument("--K", type=csv(int), default=[7], help="TTT lengths")
+    p.add_argument("--paths", "--kernels", type=csv(str), default=list(PATHS), help=",".join(PATHS))
+    p.add_argument("--draft-vocab", type=int, help="override every shape's draft vocab")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per config (best) after 1 warm-up")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the demo trainer uses 1)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16 = CPU autocast, fp32 weights")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each TTT step in backward")
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="skip configs estimated above this")
-    p.add_argument("--quick", action="store_true", help="~15 min on 2 cores: 1 timed step, see `quick_skips`")
-    p.add_argument("--no-check", action="store_true", help="skip the eager vs flash_cpu/chunked loss check")
+    p.add_argument("--no-check", action="store_true", help="skip the fp32 eager vs aerie/chunked parity check")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
+    p.add_argument("--rate", help=argparse.SUPPRESS)  # internal: measure the matmul rate of one shape
     args = p.parse_args()
 
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return
-    if unknown := set(args.kernels) - set(KERNELS):
-        p.error(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
+    if args.rate:
+        spec = json.loads(args.rate)
+        if spec.get("draft_vocab"):
+            globals()["DRAFT_VOCAB"] = spec["draft_vocab"]
+        print("RESULT " + json.dumps(matmul_rate(spec["hidden"], spec["T"], spec["threads"])), flush=True)
+        return
+    if unknown := set(args.paths) - set(PATHS):
+        p.error(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
     if unknown := set(args.hidden) - set(TARGETS):
         p.error(f"unknown hidden sizes {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    if args.draft_vocab:
+        globals()["DRAFT_VOCAB"] = args.draft_vocab
 
-    steps = args.steps or (1 if args.quick else 3)
     load_before = os.getloadavg()
-    specs = [dict(hidden=h, T=T, K=K, kernel=kern, steps=steps, threads=args.threads, dtype=args.dtype,
-                  grad_checkpoint=args.grad_checkpoint)
-             for h in args.hidden for T in args.T for K in args.K for kern in args.kernels]
-    rows = []
+    specs = [dict(hidden=h, T=T, K=K, path=path, steps=args.steps, threads=args.threads, dtype=args.dtype,
+                  grad_checkpoint=args.grad_checkpoint, draft_vocab=args.draft_vocab)
+             for h in args.hidden for T in args.T for K in args.K for path in args.paths]
+    rows, rates = [], {}
     bar = tqdm(specs, unit="config", dynamic_ncols=True)
     for spec in bar:
-        name = f"h={spec['hidden']} T={spec['T']} K={spec['K']} {spec['kernel']}"
+        key = f"{spec['hidden']}/{spec['T']}"
+        if key not in rates:  # the matmul rate at these shapes, measured between the configs that use it
+            bar.set_description(f"matmul rate h={spec['hidden']} T={spec['T']}")
+            rates[key] = spawn("--rate", spec)
+            tqdm.write(f"bf16 matmul rate at h={spec['hidden']} T={spec['T']} shapes: "
+                       f"{rates[key].get('bf16_gflops', float('nan')):.0f} GFLOP/s")
+        name = f"h={spec['hidden']} T={spec['T']} K={spec['K']} {spec['path']}"
         bar.set_description(name)
-        est = estimate_peak_gib(spec["hidden"], spec["T"], spec["K"], spec["kernel"])
-        if est > args.mem_limit_gib:
-            row = dict(spec, status=f"skipped (est. {est:.1f} GiB)")
-        elif args.quick and quick_skips(spec):
-            row = dict(spec, status="skipped (--quick)")
-        else:
-            row = spawn_one(spec)
+        est = estimate_peak_gib(spec["hidden"], spec["T"], spec["K"], spec["path"])
+        row = dict(spec, status=f"skipped (est. {est:.1f} GiB)") if est > args.mem_limit_gib else spawn("--one", spec)
         row.update(est_peak_gib=est, attn_state_mib=attn_state_bytes(spec["hidden"], spec["T"], spec["K"],
-                                                                      spec["kernel"]) / 2**20)
+                                                                      spec["path"]) / 2**20,
+                   flops_per_token=flops_per_token(spec["hidden"], spec["T"], spec["K"]))
         rows.append(row)
         done = (f"{row['tokens_per_s']:.0f} tok/s, {row['step_s']:.2f} s/step, peak +{row['peak_mib']:.0f} MiB"
                 if "step_s" in row else row["status"])
@@ -341,23 +504,27 @@ def main() -> None:
     check = None
     if not args.no_check:
         torch.set_num_threads(args.threads)
-        check = check_eager_matches()
-        print(f"\nsanity (h={check['hidden']} T={check['T']} K={check['K']}, fp32, same inputs): "
-              f"|loss(flash_cpu) - loss(eager)| = {check['flash_cpu']['loss_abs_diff']:.2e}, "
-              f"max |loss_k diff| = {check['flash_cpu']['loss_k_max_abs_diff']:.2e}, "
-              f"max grad rel diff = {check['flash_cpu']['grad_max_rel_diff']:.2e}; "
-              f"chunked: {check['chunked']['loss_abs_diff']:.2e} / {check['chunked']['grad_max_rel_diff']:.2e}")
+        check = check_paths_match()
+        print(f"\nsanity (h={check['hidden']} T={check['T']} K={check['K']}, fp32, same inputs and teacher): "
+              f"aerie vs eager: loss rel diff {check['aerie']['loss_rel_diff']:.1e}, max grad rel diff "
+              f"{check['aerie']['grad_max_rel_diff']:.1e}; aerie-flash: {check['aerie-flash']['loss_rel_diff']:.1e} / "
+              f"{check['aerie-flash']['grad_max_rel_diff']:.1e}")
 
-    meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), threads=args.threads, steps=steps,
-                dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, quick=args.quick, batch=1,
-                draft_vocab=DRAFT_VOCAB, torch=torch.__version__, cpu=cpu_name(), cpu_count=os.cpu_count(),
-                loadavg_before=load_before, loadavg_after=os.getloadavg(),
+    gs = goals(rows, rates)
+    meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), threads=args.threads, steps=args.steps,
+                dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, batch=1, torch=torch.__version__,
+                cpu=cpu_name(), cpu_count=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
+                timing="best of the timed steps after 1 warm-up; CPU s = process CPU time / threads",
                 peak_mib="ru_maxrss growth over the built model+inputs, fresh process")
-    print(f"\nTTT step (fwd+bwd), batch 1, {args.dtype}, {args.threads} threads, median of {steps} steps"
-          f"{', grad checkpointing' if args.grad_checkpoint else ''}\n")
+    print(f"\nTrainer step (teacher + TTT fwd+bwd + AdamW), batch 1, {args.dtype}, {args.threads} thread(s), best of "
+          f"{args.steps} steps{', grad checkpointing' if args.grad_checkpoint else ''}\n")
     print(markdown_table(rows))
+    print("\nGoals (aerie path)\n")
+    print(goals_table(gs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, check=check, results=rows), indent=2) + "\n")
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, check=check, matmul_rates=rates, goals=gs, results=rows), indent=2) + "\n")
+    tmp.replace(args.out)
     print(f"\nwrote {args.out}")
 
 

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-CHUNK = 256  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores
+CHUNK = 128  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores
+# CPU auto choice: up to this T the chunked kernel (bf16 matmuls, causal key range per block) beats the fused
+# CPU flash op, which is slow at these sizes; above it flash wins (benchmarks/ttt_step.py, BENCHMARKS.md).
+CPU_CHUNKED_MAX_T = 1024
 
 
 @dataclass
@@ -105,6 +108,16 @@ def _expand_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def auto_kernel(device: torch.device, T: int) -> str:
+    """The causal-block kernel `attention_kernel='auto'` picks: CUDA flex; CPU chunked up to CPU_CHUNKED_MAX_T
+    positions, else flash_cpu; other devices chunked."""
+    if device.type == "cuda":
+        return "flex"
+    if device.type == "cpu":
+        return "chunked" if T <= CPU_CHUNKED_MAX_T else "flash_cpu"
+    return "chunked"
+
+
 def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
     """Attention of one TTT step. q [B,H,T,hd]; k, v [B,Hkv,T,hd] of this step. Returns [B,H,T,hd].
 
@@ -118,7 +131,7 @@ def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
         k0, v0, extra_k, extra_v = kv.k0, kv.v0, [*kv.extra_k, k], [*kv.extra_v, v]
     kernel = kv.kernel
     if kernel == "auto":
-        kernel = "flash_cpu" if q.device.type == "cpu" else "flex" if q.device.type == "cuda" else "chunked"
+        kernel = auto_kernel(q.device, q.shape[2])
     if extra_k:
         kd = _expand_kv(torch.stack(extra_k, dim=3), groups)  # [B, H, T, k, hd]
         vd = _expand_kv(torch.stack(extra_v, dim=3), groups)
@@ -195,10 +208,12 @@ def _causal_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kernel: st
     outs, lses = [], []
     for s in range(0, T, CHUNK):
         e = min(s + CHUNK, T)
-        scores = (q[:, :, s:e].to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [B, H, c, T]
-        scores = scores + _block_mask(mask, s, e, T, q.device).to(acc)
+        # Matmuls in the inputs' dtype (bf16: AMX / tensor cores), softmax statistics in fp32.
+        # Causal: queries s..e-1 see keys 0..e-1 only, so later keys are never touched.
+        scores = (q[:, :, s:e] @ k[:, :, :e].transpose(-1, -2)).to(acc) * scale  # [B, H, c, e]
+        scores = scores + _block_mask(mask, s, e, q.device).to(acc)
         lse = torch.logsumexp(scores, dim=-1)
-        outs.append((torch.exp(scores - lse[..., None]) @ v.to(acc)).to(q.dtype))
+        outs.append((torch.exp(scores - lse[..., None]).to(q.dtype) @ v[:, :, :e]).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
@@ -215,17 +230,18 @@ def _causal_bwd(
     dq = torch.empty_like(q, dtype=acc)
     dk = torch.zeros_like(k, dtype=acc)
     dv = torch.zeros_like(v, dtype=acc)
-    kf, vf = k.to(acc), v.to(acc)
+    dt = q.dtype
     delta = (g.to(acc) * out.to(acc)).sum(-1)  # [B, H, T]: rowsum(dO ∘ O) of the merged softmax
     for s in range(0, T, CHUNK):
         e = min(s + CHUNK, T)
-        qc, gc = q[:, :, s:e].to(acc), g[:, :, s:e].to(acc)
-        scores = (qc @ kf.transpose(-1, -2)) * scale + _block_mask(mask, s, e, T, q.device).to(acc)
-        p = torch.exp(scores - lse[:, :, s:e, None])  # [B, H, c, T]
-        dv += p.transpose(-1, -2) @ gc
-        ds = p * ((gc @ vf.transpose(-1, -2)) - delta[:, :, s:e, None])
-        dq[:, :, s:e] = (ds @ kf) * scale
-        dk += (ds.transpose(-1, -2) @ qc) * scale
+        qc, gc = q[:, :, s:e], g[:, :, s:e].to(dt)
+        kc, vc = k[:, :, :e], v[:, :, :e]  # causal: keys 0..e-1
+        scores = (qc @ kc.transpose(-1, -2)).to(acc) * scale + _block_mask(mask, s, e, q.device).to(acc)
+        p = torch.exp(scores - lse[:, :, s:e, None])  # [B, H, c, e] fp32
+        dv[:, :, :e] += (p.to(dt).transpose(-1, -2) @ gc).to(acc)
+        ds = (p * ((gc @ vc.transpose(-1, -2)).to(acc) - delta[:, :, s:e, None])).to(dt)
+        dq[:, :, s:e] = (ds @ kc).to(acc) * scale
+        dk[:, :, :e] += (ds.transpose(-1, -2) @ qc).to(acc) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -234,12 +250,13 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _block_mask(mask: Tensor | None, s: int, e: int, T: int, device: torch.device) -> Tensor:
+def _block_mask(mask: Tensor | None, s: int, e: int, device: torch.device) -> Tensor:
+    """Additive mask of queries s..e-1 over keys 0..e-1 (the packed mask's block, else causal)."""
     if mask is not None:
-        return mask[:, :, s:e].float()
+        return mask[:, :, s:e, :e].float()
     rows = torch.arange(s, e, device=device)[:, None]
-    cols = torch.arange(T, device=device)[None, :]
-    return torch.zeros(e - s, T, device=device).masked_fill_(cols > rows, float("-inf"))
+    cols = torch.arange(e, device=device)[None, :]
+    return torch.zeros(e - s, e, device=device).masked_fill_(cols > rows, float("-inf"))
 
 
 class _TTTAttention(torch.autograd.Function):
