@@ -10,6 +10,7 @@ Relabelling (DESIGN.md §4): `forward` keeps the prefix KV cache of each batch i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -28,7 +29,7 @@ from actors.protocol import GenerationParams, RegenRequest
 from actors.regenerate import (Answered, answer_conversations, cut_at_stop, regenerate_features,
                                stop_token_ids)
 from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
-from eagle3.attention import packed_causal_bias
+from eagle3.attention import document_block_mask, packed_causal_bias
 from eagle3.data import Batch
 from eagle3.model import default_aux_layer_ids, rope_parameters_of
 
@@ -47,6 +48,10 @@ class TargetConfig:
     """Compute dtype of the target (float32 | bfloat16 | float16); features travel as bf16 regardless."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if the actor has a GPU, else cpu), 'cpu' or 'cuda'."""
+    attn_implementation: Literal["auto", "sdpa", "flex_attention"] = "auto"
+    """backend=hf: attention of the target's forward: 'flex_attention' (packed rows by a document-causal BlockMask,
+    no dense [B, 1, T, T] mask), 'sdpa' (dense additive mask), or 'auto' (flex_attention on CUDA, else sdpa; sdpa
+    for a target spread over GPUs or an architecture without flex support). Relabel and generate run sdpa."""
     aux_layer_ids: Annotated[tuple[Annotated[int, Ge(0)], ...], Len(3, 3)] | None = None
     """HF hidden_states indices of the 3 aux features; None = EAGLE-3 default (2, L//2, L-3)."""
     num_actors: Annotated[int, Ge(1)] = 1
@@ -111,6 +116,14 @@ class TargetConfig:
                              "GPUs: vLLM runs one rank per GPU; leave it 0 (= the actor's GPUs)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"target.device={self.device!r}: choose auto, cpu or cuda")
+        if self.attn_implementation not in ("auto", "sdpa", "flex_attention"):
+            raise ValueError(f"target.attn_implementation={self.attn_implementation!r}: choose auto, sdpa or "
+                             "flex_attention")
+        if self.attn_implementation == "flex_attention" and g > 1:
+            # BlockMask.to(device) (what accelerate's hooks call per layer) leaves the mask_mod's doc ids on the
+            # first GPU; unverified across GPUs, so not offered.
+            raise ValueError(f"target.attn_implementation=flex_attention with target.gpus_per_actor={g}: a target "
+                             "spread over GPUs runs sdpa; use auto or sdpa")
         if self.num_actors < 1:
             raise ValueError(f"target.num_actors must be >= 1, got {self.num_actors}")
         if self.aux_layer_ids is not None and len(self.aux_layer_ids) != 3:
@@ -179,7 +192,7 @@ def length_groups(lengths: list[int], max_group: int = GENERATE_GROUP, waste: fl
     return groups
 
 
-def _load_spread(folder, dtype: torch.dtype, n_gpus: int):
+def _load_spread(folder, dtype: torch.dtype, n_gpus: int, attn: str = "sdpa"):
     """The model spread over GPUs 0..n_gpus-1 (the actor's bundle: Ray sets CUDA_VISIBLE_DEVICES) by accelerate's
     balanced device_map. max_memory names the GPUs only, so nothing is offloaded to CPU (silently ~100x slower);
     a model that does not fit fails here."""
@@ -190,7 +203,7 @@ def _load_spread(folder, dtype: torch.dtype, n_gpus: int):
         raise ValueError(f"target.gpus_per_actor={n_gpus} but this actor sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
                          f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run it as a Ray actor with num_gpus={n_gpus}")
     free = {i: torch.cuda.mem_get_info(i)[0] for i in range(n_gpus)}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", device_map="auto",
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn, device_map="auto",
                                                  max_memory=free)
     # What overflows the listed GPUs goes to "disk" (read from the safetensors on every forward): refuse it.
     off = sorted({str(d) for d in model.hf_device_map.values() if not isinstance(d, int)})
@@ -198,6 +211,17 @@ def _load_spread(folder, dtype: torch.dtype, n_gpus: int):
         raise ValueError(f"{folder} does not fit on {n_gpus} GPUs ({sum(free.values()) / 2**30:.1f} GiB free): "
                          f"device_map put layers on {off}; raise target.gpus_per_actor or use a smaller target.dtype")
     return model
+
+
+def _load_model(load, attn: str, fallback: bool):
+    """`load(attn)`; with `fallback` ("auto"), an architecture without flex_attention support loads with sdpa instead
+    (transformers refuses it in the model's __init__, before any weight is read)."""
+    try:
+        return load(attn)
+    except ValueError as e:
+        if not (fallback and attn == "flex_attention" and "flex_attention" in str(e)):
+            raise
+        return load("sdpa")
 
 
 def chat_template_id(tokenizer) -> str:
@@ -220,15 +244,21 @@ class HFTarget:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = DTYPES[cfg.dtype]
         spread = int(cfg.gpus_per_actor) if device == "cuda" and cfg.gpus_per_actor > 1 else 0
+        attn = cfg.attn_implementation
+        if attn == "auto":
+            attn = "flex_attention" if device == "cuda" and not spread else "sdpa"
+        fallback = cfg.attn_implementation == "auto"
         if spread:
-            self.model = _load_spread(folder, self.dtype, spread)
+            self.model = _load_model(lambda a: _load_spread(folder, self.dtype, spread, a), attn, fallback)
             # Inputs go to the embeddings' GPU; every output is brought back to it (features, relabel results).
             self.device = self.model.get_input_embeddings().weight.device
         else:
             self.device = torch.device(device)
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, attn_implementation="sdpa")
+            self.model = _load_model(lambda a: AutoModelForCausalLM.from_pretrained(
+                folder, dtype=self.dtype, attn_implementation=a), attn, fallback)
             self.model.to(self.device)
         self.model.eval().requires_grad_(False)
+        self.attn_implementation = self.model.config._attn_implementation  # what was loaded: sdpa | flex_attention
         self.rng_devices = list(range(spread)) if spread else [self.device] if self.device.type == "cuda" else []
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         text_cfg = self.model.config.get_text_config()
@@ -289,7 +319,7 @@ class HFTarget:
             for b, i in enumerate(group):  # left padding: every prompt ends where generation starts
                 ids[b, T - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[b, T - len(prompts[i]):] = 1
-            with torch.random.fork_rng(devices=self.rng_devices):
+            with torch.random.fork_rng(devices=self.rng_devices), self._sdpa():
                 torch.manual_seed(params.seed + g)
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           generation_config=config)
@@ -369,8 +399,9 @@ class HFTarget:
             pos = batch.position_ids[r, :end].to(self.device)
             for c in range(0, len(idx), per_chunk):
                 sel = idx[c:c + per_chunk]
-                toks, hid = self._branches(keys, values, last, docs, pos, points[sel].to(self.device),
-                                           None if tokens is None else tokens[sel].to(self.device), M)
+                with self._sdpa():  # dense [q, prefix + q] tree masks over a filled KV cache
+                    toks, hid = self._branches(keys, values, last, docs, pos, points[sel].to(self.device),
+                                               None if tokens is None else tokens[sel].to(self.device), M)
                 sel = sel.to(self.device)
                 out_tokens[sel], out_hidden[sel] = toks, hid
         return out_tokens, out_hidden, hit
@@ -392,10 +423,14 @@ class HFTarget:
             ids = input_ids.to(self.device)
             pos = position_ids.to(self.device)
             docs = doc_ids.to(self.device)
-            # One additive mask covers padding and packing alike (samples never see each other).
-            mask = packed_causal_bias(docs, self.dtype)
-            out = self.model.model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                   past_key_values=cache, use_cache=cache is not None)
+            kw = dict(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=cache is not None)
+            # One mask covers padding and packing alike (samples never see each other). An empty cache being
+            # filled has the same T x T attention as none, so the BlockMask serves forward's prefix caching too.
+            if self.attn_implementation == "flex_attention" and (cache is None or cache.get_seq_length() == 0):
+                out = self.model.model(attention_mask=document_block_mask(docs, *docs.shape, self.device), **kw)
+            else:
+                with self._sdpa():
+                    out = self.model.model(attention_mask=packed_causal_bias(docs, self.dtype), **kw)
         finally:
             for h in handles:
                 h.remove()
@@ -486,6 +521,27 @@ class HFTarget:
             if m + 1 < M:
                 nxt = head(hidden[:, m]).argmax(-1).to(self.device)
         return toks, hidden
+
+    @contextlib.contextmanager
+    def _sdpa(self):
+        """Run the model with sdpa attention inside this block, whatever it was loaded with.
+
+        Under flex_attention transformers passes a dense 4D mask through as a score_mod (`score + mask[b][0][q][kv]`,
+        integrations/flex_attention.py `flex_attention_forward`): no block sparsity, recompiles as the shapes change
+        (relabel shapes vary per chunk and greedy step), and on CPU (torch 2.13) a segfault in the compiled kernel.
+        Dense masks and generate therefore go through sdpa: the attention function and the mask builders are looked
+        up from `config._attn_implementation` at every forward, so switching it is enough (the actor runs one call
+        at a time). A model loaded with sdpa (or eager, where it has no sdpa) is left as it is."""
+        config = self.model.config
+        before = config._attn_implementation
+        if before != "flex_attention":
+            yield
+            return
+        config._attn_implementation = "sdpa"  # the setter also sets the sub-configs
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def _bias(self, allowed: Tensor) -> Tensor:
         """[q, k] bool → additive [1, 1, q, k] float mask (sdpa; eager + bool 4D masks are silently wrong)."""

@@ -63,7 +63,7 @@ def profile(hidden: int, T: int, K: int, threads: int, repeats: int, fused: bool
     torch.set_num_threads(threads)
     draft, batch = ts.build(hidden, T)
     spec = dict(path="aerie" if fused else "before", K=K, grad_checkpoint=False, dtype="bf16")
-    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4, fused=fused)  # as ttt_step.py
     kernel = auto_kernel(torch.device("cpu"), T) if fused else "flash_cpu"
     teacher_kind = ts.path_settings(spec["path"])["teacher"]
     ac = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731

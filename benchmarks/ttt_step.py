@@ -4,14 +4,15 @@ Paths compared on the same draft, inputs and unroll (same weights, same seed):
   aerie      the trainer's default: attention kernel `auto` (CPU: the chunked kernel with bf16 matmuls up to 1,024
              positions, the fused CPU flash op above; diagonal keys merged in closed form, custom backward),
              fused draft-vocab loss (`TTTConfig.fused_loss`: lm_head + soft-CE + argmax in row chunks, gradients
-             in the forward), teacher in the target's dtype (bf16), target features fed without an fp32 copy.
+             in the forward), teacher in the target's dtype (bf16), target features fed without an fp32 copy,
+             torch's fused AdamW (jobs.train_loop.adamw).
   before     the trainer before issue 13: CPU flash attention, materialised [T, draft_vocab] logits with an fp32
-             log-softmax per step (`fused_loss=False`), fp32 teacher over fp32 copies of the features.
+             log-softmax per step (`fused_loss=False`), fp32 teacher over fp32 copies of the features, foreach AdamW.
   aerie-flash  `aerie` with the fused CPU flash attention op at every T (an ablation of the auto choice).
   eager      the official-style baseline (SafeAILab EAGLE-3 `cnets.py`, SpecForge's sdpa path), defined below:
              materialise the [B,H,T,T] causal scores, concat the per-step diagonal scores, fp32 softmax, let
              autograd save the [B,H,T,T+k] probabilities of every step (memory K·T²), materialised logits; its
-             teacher is Aerie's (in the target's dtype), so the comparison isolates the draft's step.
+             teacher is Aerie's (in the target's dtype), so the comparison isolates the draft's step; foreach AdamW.
 All run under bf16 autocast over fp32 master weights (the trainer's default, `optim.bf16`) unless --dtype fp32.
 
 Goals (issue 13), computed from the rows of one run: `aerie` tokens/s at the demo shapes (h 576, T 512, K 7, draft
@@ -317,7 +318,8 @@ def run_one(spec: dict) -> dict:
         global DRAFT_VOCAB
         DRAFT_VOCAB = spec["draft_vocab"]
     draft, batch = build(spec["hidden"], spec["T"])
-    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4)
+    # aerie paths: the trainer's fused AdamW (jobs.train_loop.adamw); before/eager: torch's default (foreach)
+    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4, fused=spec["path"].startswith("aerie"))
     try:  # reset the RSS high-water mark so transient build memory does not hide the step's peak (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

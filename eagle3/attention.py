@@ -73,9 +73,13 @@ class TTTKV:
 
 def document_block_mask(doc_ids: Tensor | None, B: int, T: int, device: torch.device):
     """flex_attention BlockMask: query i sees key j iff j <= i and (doc_ids given) both lie in the same packed
-    sample. Padding (-1) positions see earlier padding, as in `packed_causal_bias`; their outputs are unused."""
+    sample. Padding (-1) positions see earlier padding, as in `packed_causal_bias`; their outputs are unused.
+    On CUDA the mask is built by a compiled kernel (no transient [B, T, T] bool); elsewhere eagerly."""
+    from functools import partial
+
     from torch.nn.attention.flex_attention import create_block_mask
 
+    create_block_mask = partial(create_block_mask, _compile=device.type == "cuda")
     if doc_ids is None:
         def mask_mod(b, h, q, kv):
             return kv <= q
