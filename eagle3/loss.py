@@ -145,19 +145,21 @@ class _FusedSoftCE(torch.autograd.Function):
             dx = torch.empty_like(x) if need_dx else None
             for s in range(0, N, chunk):
                 e = min(s + chunk, N)
+                # Few passes over each [c, Vd] block (this loop is elementwise-bound on CPU): max and argmax in one,
+                # exp in place, dz written straight in the matmul dtype.
                 z = (xm[s:e] @ wm.T).to(acc)  # [c, Vd]
-                argmax[s:e] = z.argmax(-1)
+                zmax, argmax[s:e] = z.max(-1)
                 p = part.probs[part.rows[s:e], part.cols[s:e]].to(acc)  # [c, Vd], a fresh copy
                 wc = part.w[s:e].to(acc)
-                zmax = z.amax(-1, keepdim=True)
-                ez = torch.exp(z - zmax)
-                sumexp = ez.sum(-1)
                 psum = p.sum(-1)
-                ce += (wc * ((zmax.squeeze(-1) + torch.log(sumexp)) * psum - torch.linalg.vecdot(p, z))).sum()
+                pz = torch.linalg.vecdot(p, z)
+                ez = z.sub_(zmax[:, None]).exp_()  # z is not needed after this
+                sumexp = ez.sum(-1)
+                ce += (wc * ((zmax + torch.log(sumexp)) * psum - pz)).sum()
                 if need_dx or need_dw:
-                    wc = wc * coef[k].to(acc)
-                    # dz = coef · w · (Σp · softmax(z) − p), in place over the exp block
-                    dz = ez.mul_((wc * psum / sumexp)[:, None]).sub_(p.mul_(wc[:, None])).to(mm_dtype)
+                    # dz = coef · w · (Σp · softmax(z) − p)
+                    dz = torch.empty(ez.shape, dtype=mm_dtype, device=dev)
+                    torch.mul(ez.mul_((psum / sumexp)[:, None]).sub_(p), (wc * coef[k].to(acc))[:, None], out=dz)
                     if need_dx:
                         dx[s:e] = (dz @ wm).to(x.dtype)
                     if need_dw:
