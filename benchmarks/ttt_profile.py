@@ -39,18 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def best(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up."""
-    fn()
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
+    """Best wall time of `repeats` calls after one warm-up (ttt_step's timer)."""
+    return ts._best_time(fn, repeats)
 
 
 def fwd_bwd(fn, inputs: list[Tensor]):
-    """A callable that runs fn(*inputs) and back-propagates a fixed random gradient into every output."""
+    """A callable that runs fn(*inputs) and back-propagates a gradient of ones into every output."""
     def run():
         outs = fn(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)

@@ -105,35 +105,32 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+def compare_on_cuda(T, a, b, bf16, loss_tol, grad_tol):
+    """Unroll the same draft and packed batch on CUDA two ways, a and b = (kernel, fused_loss); loss and every
+    gradient must agree within the relative tolerances."""
+    dev = torch.device("cuda")
+    draft = make_draft(draft_vocab=200).to(dev)
+    c = draft.config
+    batch = make_batch(2, T, c, packed=True)
+    head = TargetHead(torch.randn(c.vocab_size, c.hidden_size), draft.t2d).to(dev)
+    ref, g_ref = unroll_grads(draft, head, batch, a[0], dev, bf16, fused=a[1])
+    out, g_out = unroll_grads(draft, head, batch, b[0], dev, bf16, fused=b[1])
+    assert rel(out.loss, ref.loss) < loss_tol
+    for x, y in zip(g_out, g_ref):
+        assert rel(x, y) < grad_tol
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_flex_unroll_matches_chunked_cuda(bf16):
     """Whole TTT unroll on CUDA, packed rows: compiled flex vs the chunked kernel, loss and every gradient."""
-    dev = torch.device("cuda")
-    draft = make_draft(draft_vocab=200).to(dev)
-    c = draft.config
-    batch = make_batch(2, 256, c, packed=True)
-    head = TargetHead(torch.randn(c.vocab_size, c.hidden_size), draft.t2d).to(dev)
-    ref, g_ref = unroll_grads(draft, head, batch, "chunked", dev, bf16)
-    out, g_out = unroll_grads(draft, head, batch, "flex", dev, bf16)
-    tol = 2e-2 if bf16 else 1e-4
-    assert rel(out.loss, ref.loss) < tol
-    for a, b in zip(g_out, g_ref):
-        assert rel(a, b) < (5e-2 if bf16 else 1e-3)
+    compare_on_cuda(256, ("chunked", True), ("flex", True), bf16, 2e-2 if bf16 else 1e-4, 5e-2 if bf16 else 1e-3)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fused_loss_matches_reference_cuda(bf16):
-    dev = torch.device("cuda")
-    draft = make_draft(draft_vocab=200).to(dev)
-    c = draft.config
-    batch = make_batch(2, 128, c, packed=True)
-    head = TargetHead(torch.randn(c.vocab_size, c.hidden_size), draft.t2d).to(dev)
-    ref, g_ref = unroll_grads(draft, head, batch, "flex", dev, bf16, fused=False)
-    out, g_out = unroll_grads(draft, head, batch, "flex", dev, bf16, fused=True)
-    assert rel(out.loss, ref.loss) < (1e-3 if bf16 else 1e-5)
-    for a, b in zip(g_out, g_ref):
-        assert rel(a, b) < (3e-2 if bf16 else 1e-4)
+    """The fused loss vs materialised logits on CUDA (flex attention in both)."""
+    compare_on_cuda(128, ("flex", False), ("flex", True), bf16, 1e-3 if bf16 else 1e-5, 3e-2 if bf16 else 1e-4)
