@@ -192,16 +192,19 @@ def main() -> None:
     p.add_argument("--paths", default="aerie,before", help="aerie (fused loss) and/or before (reference loss)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    out = args.out or RESULTS / f"ttt_profile-h{args.hidden}-T{args.T}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__, cpu=ts.cpu_name())
     results = []
     for path in args.paths.split(","):
         r = profile(args.hidden, args.T, args.K, args.threads, args.repeats, fused=path == "aerie")
         print(f"{path}: total {r['total_s'] * 1e3:.0f} ms, parts cover {100 * r['coverage']:.0f}%", flush=True)
         results.append(r)
+        # after each path: a later path killed for memory (`before` at 8B shapes) keeps the earlier ones
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+        tmp.replace(out)
     print("\n" + table(results))
-    out = args.out or RESULTS / f"ttt_profile-h{args.hidden}-T{args.T}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__, cpu=ts.cpu_name())
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

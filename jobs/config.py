@@ -232,8 +232,8 @@ def tiny() -> dict:
 def smollm2_sharegpt_cpu() -> dict:
     """The real CPU demo: SmolLM2-135M-Instruct target on ShareGPT, 1 target actor + 1 trainer on 2 cores.
 
-    Sized to finish in about a quarter of an hour: the trainer (~200 tokens/s at K=7 on one core) is the
-    bottleneck; the target (bf16) runs ~1,300 tokens/s on the other core."""
+    Sized to finish well within a quarter of an hour: the trainer (~600 tokens/s alone at K=7 on one core,
+    BENCHMARKS.md) is the bottleneck; the target (bf16) runs ~900 tokens/s on the other core."""
     return {
         "name": "smollm2-sharegpt-cpu",
         "target": {"model": SMOLLM2, "dtype": "bfloat16", "num_threads": 1},
