@@ -124,10 +124,7 @@ def path_settings(path: str) -> dict:
         "aerie": dict(kernel="auto", fused=True, teacher="target"),
         "aerie-flash": dict(kernel="flash_cpu", fused=True, teacher="target"),
         "before": dict(kernel="flash_cpu", fused=False, teacher="fp32"),
-        "chunked": dict(kernel="chunked", fused=True, teacher="target"),
         "eager": dict(kernel="eager", fused=False, teacher="target"),
-        # kernel names of earlier versions of this script: the attention kernel alone, materialised logits
-        "flash_cpu": dict(kernel="flash_cpu", fused=False, teacher="fp32"),
     }[path]
 
 
@@ -144,7 +141,8 @@ def draft_config(hidden: int) -> DraftConfig:
     return DraftConfig.from_target_config(target, draft_vocab_size=draft_vocab_of(hidden))
 
 
-def build(hidden: int, T: int, seed: int = 0, device: str = "cpu", target_dtype=torch.bfloat16) -> tuple[Eagle3Draft, dict]:
+def build(hidden: int, T: int, seed: int = 0, device: str = "cpu",
+          target_dtype=torch.bfloat16) -> tuple[Eagle3Draft, dict]:
     """Random draft, the target's lm_head, and one batch (B=1, one sample per row, every token labelled).
 
     The target's outputs (aux features, last hidden, lm_head, embeddings) are in `target_dtype`, as a bf16 target
@@ -278,7 +276,7 @@ def attn_state_bytes(hidden: int, T: int, K: int, kernel: str, B: int = 1, elem:
     eager, step k: probs [T,T+k] (cast back to q's dtype) + q, k0, v0 and the k diagonal keys/values, per head.
     """
     H, hd = TARGETS[hidden]["num_attention_heads"], TARGETS[hidden]["head_dim"]
-    kernel = path_settings(kernel)["kernel"] if kernel in PATHS else kernel
+    kernel = path_settings(kernel)["kernel"]
     total = 0
     for k in range(K):
         if kernel == "eager":
@@ -525,7 +523,8 @@ def main() -> None:
     print(goals_table(gs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, check=check, matmul_rates=rates, goals=gs, results=rows), indent=2) + "\n")
+    record = dict(meta=meta, check=check, matmul_rates=rates, goals=gs, results=rows)
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(args.out)
     print(f"\nwrote {args.out}")
 

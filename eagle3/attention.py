@@ -63,7 +63,6 @@ class TTTKV:
             self._mask = packed_causal_bias(self.doc_ids, dtype)
         return self._mask
 
-
     def block_mask(self, B: int, T: int, device: torch.device):
         """The flex BlockMask of this unroll: causal, and within one packed sample when doc_ids is set."""
         if self._block_mask is None:

@@ -58,9 +58,15 @@ CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
 DW_BUFFER_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 
+def rows_per_chunk(elements: dict[str, int], width: int, device: torch.device) -> int:
+    """Rows of a [rows, width] block holding about elements[device type] entries (at least 16); shared by the
+    fused loss and the teacher (eagle3.target_head), each with its own per-device budget."""
+    return max(16, elements.get(device.type, 1 << 24) // width)
+
+
 def chunk_rows(draft_vocab: int, device: torch.device) -> int:
-    """Rows of one fused-loss chunk on `device` (at least 16)."""
-    return max(16, CHUNK_ELEMENTS.get(device.type, 1 << 24) // draft_vocab)
+    """Rows of one fused-loss chunk on `device`."""
+    return rows_per_chunk(CHUNK_ELEMENTS, draft_vocab, device)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from eagle3.loss import rows_per_chunk
+
 # One [rows, V] fp32 logits block alive at a time: rows = CHUNK_ELEMENTS // V (CPU: 64 MiB, ~340 rows at V=49K;
 # fewer rows make the bf16 matmul slower; GPU: 512 MiB, few launches). ARGMAX_CHUNK_TOKENS fixes the rows
 # instead (tests force ragged chunks with it).
@@ -21,7 +23,7 @@ ARGMAX_CHUNK_TOKENS: int | None = None
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per teacher chunk for a vocabulary of `vocab` on `device`."""
-    return ARGMAX_CHUNK_TOKENS or max(16, CHUNK_ELEMENTS.get(device.type, 1 << 24) // vocab)
+    return ARGMAX_CHUNK_TOKENS or rows_per_chunk(CHUNK_ELEMENTS, vocab, device)
 
 
 @dataclass
@@ -47,11 +49,6 @@ class TargetHead(nn.Module):
         self.register_buffer("weight", lm_head_weight.detach().clone(), persistent=False)  # [V, h]
         self.register_buffer("t2d", t2d.bool().clone(), persistent=False)  # [V]
         self.register_buffer("draft_rows", t2d.nonzero().squeeze(-1), persistent=False)  # [Vd] sorted target ids
-
-    @torch.no_grad()
-    def full_argmax(self, last_hidden: Tensor) -> Tensor:
-        """Full-vocab argmax [B, T]: never a whole [B, T, V] logits tensor."""
-        return self(last_hidden).argmax
 
     @torch.no_grad()
     def forward(self, last_hidden: Tensor) -> Teacher:

@@ -472,8 +472,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # _NOT_MODEL_KEYS, plus _MODEL_KEYS from the other sections.
 _MODEL_SECTIONS = ("draft", "ttt", "optim", "data")
 _MODEL_KEYS = {"export_format", "target.model", "target.aux_layer_ids", "target.dtype", "trainer.num_workers"}
-_NOT_MODEL_KEYS = {"ttt.attention_kernel", "ttt.grad_checkpoint", "ttt.fused_loss", "optim.bf16", "optim.max_steps", "optim.epochs",
-                   "optim.max_target_tokens", "data.on_bad_record", "data.tokenizer_workers", "data.store_dir"}
+_NOT_MODEL_KEYS = {"ttt.attention_kernel", "ttt.grad_checkpoint", "ttt.fused_loss", "optim.bf16", "optim.max_steps",
+                   "optim.epochs", "optim.max_target_tokens", "data.on_bad_record", "data.tokenizer_workers",
+                   "data.store_dir"}
 
 
 def model_settings_diff(old: dict, new: dict) -> list[str]:
@@ -485,8 +486,8 @@ def model_settings_diff(old: dict, new: dict) -> list[str]:
     update rule, the schedule and the data order); target.model, target.aux_layer_ids and target.dtype (the
     features the draft learns from); trainer.num_workers (the global batch and each worker's data shard);
     export_format.
-    Not counted: how the same computation runs (ttt.attention_kernel, ttt.grad_checkpoint, ttt.fused_loss, optim.bf16 autocast
-    over fp32 master weights, target.backend, placement and resources); where the run stops (optim.max_steps,
+    Not counted: how the same computation runs (ttt.attention_kernel, ttt.grad_checkpoint, ttt.fused_loss,
+    optim.bf16 autocast over fp32 master weights, target.backend, placement and resources); where the run stops (optim.max_steps,
     optim.epochs, optim.max_target_tokens: extending a run is what resuming is for, though a new horizon also
     stretches or shrinks the cosine decay of the remaining steps); data.on_bad_record (skip or error does not
     change what a run that got going trained on); data.tokenizer_workers and data.store_dir (who tokenizes, where
