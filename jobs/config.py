@@ -108,6 +108,9 @@ class TrainerConfig:
     """Target requests each worker keeps in flight."""
     checkpoint_every: PosInt = 50
     """Report a checkpoint every this many steps (and at the end)."""
+    snapshot_every: NonNegInt = 0
+    """Also export the draft every this many steps into <run_dir>/snapshots/step-NNNNNNN (an engine-ready folder
+    plus progress.json: step, trained tokens, training seconds), kept for learning curves; 0 = off."""
     max_failures: NonNegInt = 1
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
     storage: str = ""
@@ -147,6 +150,10 @@ class EvalConfig:
 
     enabled: bool = False
     """Run it after export and log eval/* into the training run."""
+    prompts: str = ""
+    """Prompt file (.jsonl/.json of ShareGPT or chat-message records, first user turn used), e.g. the project's
+    held-out set "heldout" (jobs/assets/heldout-sharegpt.jsonl); "" = the records of data.path after the ones trained
+    on."""
     num_prompts: PosInt = 8
     """Held-back prompts to decode."""
     method: Literal["chain", "tree"] = "chain"
@@ -160,6 +167,12 @@ class EvalConfig:
     target_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the target in the end-of-training evaluation; float32 so that greedy verification and plain
     decoding agree up to rounding."""
+
+    def __post_init__(self) -> None:
+        # Checked before training, not after it: a typo here would otherwise cost the whole run's evaluation.
+        if self.prompts not in ("", "heldout") and not Path(self.prompts).is_file():
+            raise ValueError(f"eval.prompts={self.prompts!r} is not a file; give a .jsonl/.json prompt file, "
+                             "'heldout' (the project's held-out prompts) or '' (the records after the training data)")
 
 
 # Pydantic's settings for building configs: unknown keys are errors; strict, fed JSON (see _validate): an int is an

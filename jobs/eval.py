@@ -249,6 +249,19 @@ def log_to_mlflow(tracker, configs, results, report: dict, out_dir: Path) -> Non
     tracker.client.log_artifact(tracker.run_id, str(png), "eval")
 
 
+def eval_prompts_path(spec: str) -> Path:
+    """eval.prompts: "heldout" is the project's held-out ShareGPT prompts (jobs.heldout), else a file path."""
+    from jobs.heldout import HELDOUT_PATH
+
+    if spec == "heldout":
+        return HELDOUT_PATH
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"eval.prompts={spec!r} does not exist; give a .jsonl/.json prompt file, "
+                                "'heldout' (the project's held-out prompts) or '' (records after the training data)")
+    return path
+
+
 def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> dict:
     """The train job's last step (cfg.eval): decode held-back prompts (records of cfg.data.path after the first
     `skip_records`, which training read) with the exported draft, the target in cfg.eval.target_dtype, and log eval/*
@@ -260,10 +273,10 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
     # the lossless check can only tell ties from bugs with a wide tolerance (eagle3.spec_decode.LOSSLESS_RTOL).
     target, tokenizer = load_target(cfg.target.model, ec.target_dtype)
     draft = load_draft_for(export_dir, target)
+    source, skip = (cfg.data.path, skip_records) if not ec.prompts else (eval_prompts_path(ec.prompts), 0)
     try:
-        prompts, counts = load_prompts(cfg.data.path, tokenizer, skip_records=skip_records,
-                                       num_prompts=ec.num_prompts, max_prompt_tokens=ec.max_prompt_tokens,
-                                       on_bad_record="skip")
+        prompts, counts = load_prompts(source, tokenizer, skip_records=skip, num_prompts=ec.num_prompts,
+                                       max_prompt_tokens=ec.max_prompt_tokens, on_bad_record="skip")
     except ValueError as err:  # training used the whole file: report it, don't fail a finished run
         print(f"[aerie] eval skipped: {err}; use a larger data file or lower data.max_samples", file=sys.stderr)
         tracker.set_tags({"eval.skipped": str(err)[:500]})
@@ -272,7 +285,7 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
                       max_new_tokens=ec.max_new_tokens)
     results = run_configs(target, draft, prompts, [spec], eos=eos_ids(target, tokenizer), progress=False)
     report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": ec.target_dtype,
-              "prompts": f"{cfg.data.path} (records after the first {skip_records})", "num_prompts": len(prompts),
+              "prompts": str(source) + (f" (records after the first {skip})" if skip else ""), "num_prompts": len(prompts),
               "prompt_counts": counts, "results": [{"config": spec.label(), "spec_config": dataclasses.asdict(spec),
                                                     **results[0].to_dict()}]}
     log_to_mlflow(tracker, [spec], results, report, Path(export_dir).parent)

@@ -344,6 +344,9 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             seen_resent, seen_requests = stream.stats.resent, stream.stats.requests
             now = time.perf_counter()
             dt, t_last = now - t_last, now
+            # Training seconds over every attempt of the run (resumes included, restarts' setup excluded): the
+            # wall-clock axis of learning curves (snapshots).
+            counters["train_seconds"] = counters.get("train_seconds", 0.0) + dt
             acc_k = correct_k / count_k.clamp_min(1)
             sim = float(simulated_accept_length(acc_k))
             metrics = {
@@ -384,12 +387,37 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             if rank == 0 and faults.crash_worker_at_step == step and not crash_marker.exists():
                 crash_marker.touch()
                 raise RuntimeError(f"fault injection: worker crash at step {step}")
-            if cfg.optim.max_target_tokens and target_tokens >= cfg.optim.max_target_tokens:
+            budget_spent = bool(cfg.optim.max_target_tokens and target_tokens >= cfg.optim.max_target_tokens)
+            if rank == 0 and cfg.trainer.snapshot_every and (step % cfg.trainer.snapshot_every == 0
+                                                             or step == total or budget_spent):
+                write_snapshot(cfg, learner.draft, step, counters, target_tokens)
+            if budget_spent:
                 total = step  # budget spent (the same on every worker: the counts are all-reduced)
                 break
             if step % cfg.trainer.checkpoint_every == 0 and step < total:
                 report(done=False)
     report(done=True)
+
+
+def snapshot_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "snapshots" / f"step-{step:07d}"
+
+
+def write_snapshot(cfg: JobConfig, draft: Eagle3Draft, step: int, counters: dict, target_tokens: int) -> Path:
+    """Export the draft as it is after `step` to <run_dir>/snapshots/step-NNNNNNN (atomic, the run's
+    export_format, fp32) with progress.json; a learning curve evaluates these after (or while) the run trains."""
+    from eagle3.export import save_draft
+
+    progress = {"step": step, "trained_tokens": counters["tokens"], "target_tokens": target_tokens,
+                "samples_trained": counters["samples"], "train_seconds": round(counters.get("train_seconds", 0.0), 2),
+                "generated_tokens": counters.get("generated_tokens", 0)}
+    verifier = None
+    if cfg.export_format == "speculators":
+        from actors.models import resolve_model
+
+        verifier = resolve_model(cfg.target.model)
+    return save_draft(draft, snapshot_dir(cfg.run_dir, step), fmt=cfg.export_format, verifier=verifier,
+                      num_speculative_tokens=cfg.ttt.length, extra_files={"progress.json": json.dumps(progress)})
 
 
 def step_stats(r: StepResult, tb: TargetBatch, relabel: RelabelResult | None, w: float, device: torch.device) -> Tensor:

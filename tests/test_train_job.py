@@ -69,7 +69,8 @@ def test_tiny_preset_end_to_end(reference_run):
 
 def test_worker_crash_resumes_exactly(reference_run):
     tmp, ref = reference_run
-    s = run(tmp, "crash", "--set", "faults.crash_worker_at_step=6", "--set", "faults.kill_target_at_step=3")
+    s = run(tmp, "crash", "--set", "faults.crash_worker_at_step=6", "--set", "faults.kill_target_at_step=3",
+            "--set", "trainer.snapshot_every=5")
     ref_l, got = losses(ref), losses(s)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):  # steps 5, 6 ran twice (crash after 6, checkpoint at 4): latest values
@@ -81,6 +82,26 @@ def test_worker_crash_resumes_exactly(reference_run):
     for k in a:
         if not k.startswith("embed_tokens"):  # not exported: the target's, loaded by the engine
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    check_snapshots(tmp / "crash", s)
+
+
+def check_snapshots(run_dir, s):
+    """trainer.snapshot_every=5 over 12 steps (step 5 trained twice: crash at 6, resume from 4): steps 5, 10 and the
+    last; the last equals the export bit for bit, progress counts what the run's summary and MLflow report."""
+    snaps = sorted(p.name for p in (run_dir / "snapshots").iterdir())
+    assert snaps == ["step-0000005", "step-0000010", "step-0000012"]
+    last = run_dir / "snapshots" / "step-0000012"
+    a, b = load_draft(s["export"]).state_dict(), load_draft(last).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.startswith("embed_tokens"):  # not exported (the target's): random on load
+            assert torch.equal(a[k], b[k]), k
+    prog = [json.loads((run_dir / "snapshots" / n / "progress.json").read_text()) for n in snaps]
+    assert [p["step"] for p in prog] == [5, 10, 12]
+    assert prog[-1]["trained_tokens"] == s["trained_tokens"] and prog[-1]["samples_trained"] == 2 * s["samples"]
+    tokens = dict(metric_history(MlflowTracker(s["mlflow_uri"], s["mlflow_run_id"]), "trained_tokens"))
+    assert [p["trained_tokens"] for p in prog] == [tokens[5], tokens[10], tokens[12]]
+    assert 0 < prog[0]["train_seconds"] < prog[1]["train_seconds"] < prog[2]["train_seconds"]
 
 
 def test_resubmitting_same_run_name_resumes(reference_run):

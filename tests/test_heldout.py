@@ -1,0 +1,54 @@
+"""The held-out evaluation prompts: rebuilt to the same bytes, distinct, and absent from every record a preset or
+recipe arm trains on (records below jobs.heldout.TRAIN_RECORD_LIMIT of the packaged ShareGPT)."""
+
+from __future__ import annotations
+
+import json
+
+from eagle3.data import DataError, iter_records, packaged_sharegpt_path, record_messages
+from jobs import heldout
+from jobs.config import PRESETS, load_config
+from jobs.data_prep import load_tokenizer
+from jobs.eval import load_prompts
+
+
+def test_heldout_file_rebuilds_identically(tmp_path):
+    out = heldout.build(tmp_path / "h.jsonl")
+    assert out.read_bytes() == heldout.HELDOUT_PATH.read_bytes()
+
+
+def test_heldout_prompts_are_distinct_and_load():
+    rows = [json.loads(line) for line in heldout.HELDOUT_PATH.read_text().splitlines()]
+    assert len(rows) == heldout.NUM_PROMPTS >= 48
+    tok = load_tokenizer("builtin:smollm2-135m-instruct")
+    prompts, counts = load_prompts(heldout.HELDOUT_PATH, tok, max_prompt_tokens=heldout.MAX_PROMPT_TOKENS)
+    assert len(prompts) == len(rows) and counts["duplicate"] == counts["too_long"] == 0
+    assert all(int(r["id"].split("-")[1]) >= heldout.HELDOUT_FIRST_RECORD for r in rows)
+
+
+def test_no_training_record_holds_a_heldout_prompt():
+    # Independent of jobs.eval.prompt_messages: any human turn of any training record equal to a held-out first turn
+    # (whitespace-normalised) counts, not just first turns.
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    held = {norm(r["conversations"][-1]["value"]) for r in map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())}
+    hits = []
+    for index, record in iter_records(packaged_sharegpt_path()):
+        if index >= heldout.TRAIN_RECORD_LIMIT:
+            break
+        if isinstance(record, DataError):
+            continue
+        try:
+            messages = record_messages(record)
+        except DataError:
+            continue
+        hits += [index for m in messages if m["role"] == "user" and norm(m["content"]) in held]
+    assert hits == []
+
+
+def test_presets_train_below_the_heldout_records():
+    for name in PRESETS:
+        cfg = load_config(name)
+        if cfg.data.path.endswith("ShareGPT_V3_unfiltered_cleaned_split.json") and "/mnt/" not in cfg.data.path:
+            assert cfg.data.max_samples is not None and cfg.data.max_samples <= heldout.TRAIN_RECORD_LIMIT, name
