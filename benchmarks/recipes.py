@@ -11,7 +11,7 @@ An arm is a base recipe, optionally with `-kN` (TTT length N, default 7):
   regen-target   `target` token feedback on regenerated responses
   draft          `draft` token feedback with survival weights on ShareGPT; `regen-draft` on regenerated data
 
-Each arm trains the `smollm2-sharegpt-cpu` preset once through the real Ray job, `--steps` optimizer steps at a
+Each arm trains the `smollm2-sharegpt-cpu-official` preset once through the real Ray job, `--steps` optimizer steps at a
 constant learning rate after warm-up (so a snapshot mid-run is what a run stopped there would give), exporting a
 snapshot every `--snapshot-every` steps (`trainer.snapshot_every`, with its trained tokens and training seconds).
 Every snapshot is then scored by Aerie's evaluator (`jobs.eval`'s target, draft loader and `eagle3.spec_decode`):
@@ -62,7 +62,7 @@ def arm_overrides(arm: str, args) -> list[str]:
     if source == "regen":
         if not args.regen_dir:
             raise SystemExit(f"arm {arm} trains on regenerated data: pass --regen-dir (an `aerie regenerate` folder)")
-        data = [f"data.path={Path(args.regen_dir).absolute()}", "data.max_samples=0"]
+        data = [f"data.path={Path(args.regen_dir).absolute()}", "data.max_samples=null"]
     else:
         data = [f"data.max_samples={SHAREGPT_RECORDS}"]
     return [f"output_dir={Path(args.runs).absolute()}", f"name=rc-{arm}", f"optim.max_steps={args.steps}",
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--regen-dir", default="", help="`aerie regenerate` output folder for the regen arms")
     ap.add_argument("--eval-prompts", type=int, default=48)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
+    ap.add_argument("--score-steps", default="", help="comma-separated snapshot steps to score (default: all)")
     ap.add_argument("--no-tree", action="store_true", help="score the chain only (about half the eval time)")
     ap.add_argument("--out", default=str(RESULTS / "recipes.json"))
     ap.add_argument("--runs", default="runs/recipes")
@@ -96,7 +97,7 @@ def main() -> None:
                     "max_new_tokens": args.eval_new_tokens, "chain_k": CHAIN_K, "tree": not args.no_tree}
         if report.get("eval_set", eval_set) != eval_set:
             raise SystemExit(f"{out_path} was scored on {report['eval_set']}, not {eval_set}; use another --out")
-        report.update({"eval_set": eval_set, "preset": "smollm2-sharegpt-cpu", "torch": torch.__version__})
+        report.update({"eval_set": eval_set, "preset": "smollm2-sharegpt-cpu-official", "torch": torch.__version__})
         scorer = Scorer(args)
         for arm in [a for a in args.arms.split(",") if a]:
             run_arm(arm, args, report, scorer, out_path)
@@ -118,7 +119,7 @@ def run_arm(arm: str, args, report: dict, scorer: "Scorer", out_path: Path) -> N
     if entry.get("steps_trained", 0) < args.steps:
         print(f"[recipes] {arm}: training to step {args.steps}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        s = train.main(["--preset", "smollm2-sharegpt-cpu", *sum([["--set", o] for o in overrides], [])])
+        s = train.main(["--preset", "smollm2-sharegpt-cpu-official", *sum([["--set", o] for o in overrides], [])])
         entry.update({"overrides": overrides, "steps_trained": s.get("steps"), "job_wall_seconds": s.get("wall_seconds"),
                       "driver_seconds": round(time.perf_counter() - t0, 1), "final_acc_0": s.get("acc_0"),
                       "sim_accept_len": s.get("sim_accept_len"), "trained_tokens": s.get("trained_tokens")})
@@ -126,7 +127,7 @@ def run_arm(arm: str, args, report: dict, scorer: "Scorer", out_path: Path) -> N
     steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "snapshots").glob("step-*") if p.is_dir())
     for step in steps:
         key = str(step)
-        if key in entry["snapshots"]:
+        if key in entry["snapshots"] or (args.score_steps and key not in args.score_steps.split(",")):
             continue
         snap = snapshot_dir(run_dir, step)
         progress = json.loads((snap / "progress.json").read_text())

@@ -242,13 +242,13 @@ def tiny() -> dict:
     }
 
 
-def smollm2_sharegpt_cpu() -> dict:
-    """The real CPU demo: SmolLM2-135M-Instruct target on ShareGPT, 1 target actor + 1 trainer on 2 cores.
-
-    Sized to finish well within a quarter of an hour: the trainer (~600 tokens/s alone at K=7 on one core,
-    BENCHMARKS.md) is the bottleneck; the target (bf16) runs ~900 tokens/s on the other core."""
+def smollm2_sharegpt_cpu_official() -> dict:
+    """The official EAGLE-3 recipe on the CPU demo's target: `data` mode on ShareGPT's own responses, K=7, 320
+    conversations (the demo before issue 14; the base of benchmarks/recipes.py's arms). 1 target actor + 1 trainer
+    on 2 cores: the trainer (~600 tokens/s alone at K=7 on one core, BENCHMARKS.md) is the bottleneck; the target
+    (bf16) runs ~900 tokens/s on the other core."""
     return {
-        "name": "smollm2-sharegpt-cpu",
+        "name": "smollm2-sharegpt-cpu-official",
         "target": {"model": SMOLLM2, "dtype": "bfloat16", "num_threads": 1},
         "data": {"path": str(packaged_sharegpt_path()), "max_length": 512, "max_samples": 320,
                  "on_bad_record": "skip", "pack": True},
@@ -258,6 +258,24 @@ def smollm2_sharegpt_cpu() -> dict:
         "trainer": {"num_workers": 1, "num_threads": 1, "checkpoint_every": 50},
         "eval": {"enabled": True, "num_prompts": 8, "num_draft_tokens": 5, "max_new_tokens": 32},
     }
+
+
+# The target's own greedy answers to 1,000 ShareGPT conversations (records 0-1,170), written by `aerie regenerate`
+# (vLLM backend, bf16, <= 256 new tokens per turn) and stamped (aerie_regenerated.json): 1,983 replies, 368K tokens,
+# 2 MB. Regenerating them costs ~28 min on 2 cores, so the demo ships them (BENCHMARKS.md, "Draft recipes").
+REGEN_ASSET = Path(__file__).parent / "assets" / "regen-smollm2-sharegpt-1000"
+
+
+def smollm2_sharegpt_cpu() -> dict:
+    """The real CPU demo: the best recipe of benchmarks/recipes.py within ~15 min of training on 2 cores: `data`
+    mode on the target's own (regenerated, shipped) responses, K=7, 300 steps at a constant learning rate after
+    warm-up, evaluated on the project's held-out prompts. Settings equal the recipes' `regen` arm at --steps 300."""
+    cfg = smollm2_sharegpt_cpu_official()
+    cfg["name"] = "smollm2-sharegpt-cpu"
+    cfg["data"] = {**cfg["data"], "path": str(REGEN_ASSET), "max_samples": None}
+    cfg["optim"] = {**cfg["optim"], "max_steps": 300, "min_lr_ratio": 1.0}
+    cfg["eval"] = {**cfg["eval"], "prompts": "heldout"}
+    return cfg
 
 
 def smollm2_sharegpt_cpu_draft() -> dict:
@@ -293,6 +311,7 @@ def llama3_8b_8gpu() -> dict:
 PRESETS: dict[str, Callable[[], dict]] = {
     "tiny": tiny,
     "smollm2-sharegpt-cpu": smollm2_sharegpt_cpu,
+    "smollm2-sharegpt-cpu-official": smollm2_sharegpt_cpu_official,
     "smollm2-sharegpt-cpu-draft": smollm2_sharegpt_cpu_draft,
     "llama3-8b-8gpu": llama3_8b_8gpu,
 }

@@ -285,7 +285,8 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
                       max_new_tokens=ec.max_new_tokens)
     results = run_configs(target, draft, prompts, [spec], eos=eos_ids(target, tokenizer), progress=False)
     report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": ec.target_dtype,
-              "prompts": str(source) + (f" (records after the first {skip})" if skip else ""), "num_prompts": len(prompts),
+              "prompts": str(source) + (f" (records after the first {skip})" if skip else ""),
+              "num_prompts": len(prompts),
               "prompt_counts": counts, "results": [{"config": spec.label(), "spec_config": dataclasses.asdict(spec),
                                                     **results[0].to_dict()}]}
     log_to_mlflow(tracker, [spec], results, report, Path(export_dir).parent)

@@ -123,6 +123,19 @@ def test_eval_target_dtype():
     assert "eval.target_dtype='fp8': should be 'float32', 'bfloat16' or 'float16'" in error("eval.target_dtype=fp8")
 
 
+def test_eval_prompts(tmp_path):
+    from jobs.eval import eval_prompts_path
+    from jobs.heldout import HELDOUT_PATH
+
+    assert eval_prompts_path(load_config("tiny", overrides=["eval.prompts=heldout"]).eval.prompts) == HELDOUT_PATH
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert load_config("tiny", overrides=[f"eval.prompts={f}"]).eval.prompts == str(f)
+    assert (f"eval.prompts='{tmp_path}/nope.jsonl' is not a file; give a .jsonl/.json prompt file, 'heldout' (the "
+            "project's held-out prompts) or '' (the records after the training data)") in error(
+                f"eval.prompts={tmp_path}/nope.jsonl")
+
+
 def test_several_wrong_fields_in_one_message():
     msg = error("optim.lr=-1", "ttt.length=0", "eval.method=beam")
     assert msg.splitlines() == ["invalid config:",
@@ -151,7 +164,7 @@ def test_section_not_a_mapping():
 
 def test_unknown_preset():
     assert error(preset="nope") == ("unknown preset 'nope'; choose one of tiny, smollm2-sharegpt-cpu, "
-                                    "smollm2-sharegpt-cpu-draft, llama3-8b-8gpu")
+                                    "smollm2-sharegpt-cpu-official, smollm2-sharegpt-cpu-draft, llama3-8b-8gpu")
 
 
 def test_set_without_equals():

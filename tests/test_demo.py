@@ -1,6 +1,6 @@
-"""`make demo`'s own driver path, shortened: the smollm2-sharegpt-cpu preset (real SmolLM2-135M target, real
-ShareGPT, its dtype and its end-of-training evaluation) trains a few steps, exports, evaluates, prints the summary
-and leaves its MLflow run FINISHED with everything logged. The demo once died here, after training, in the
+"""`make demo`'s own driver path, shortened: the smollm2-sharegpt-cpu preset (real SmolLM2-135M target, its
+shipped regenerated ShareGPT answers, its dtype and its end-of-training evaluation on the held-out prompts) trains a
+few steps, exports, evaluates, prints the summary and leaves its MLflow run FINISHED with everything logged. The demo once died here, after training, in the
 evaluation; no test ran this path."""
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def test_demo_preset_whole_driver_path(ray_local, tmp_path, capsys):
     assert {"config.yaml", "summary.json", "draft", "plots", "eval"} <= arts
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/eval.json", str(tmp_path))).read_text())
     assert report["target_dtype"] == preset.eval.target_dtype and report["results"][0]["lossless_checked"]
+    assert report["prompts"].endswith("jobs/assets/heldout-sharegpt.jsonl")  # the project's held-out prompts
+    assert preset.data.path.endswith("regen-smollm2-sharegpt-1000")  # trains on the shipped regenerated answers
 
     draft = load_draft(s["export"])
     assert draft.config.draft_vocab_size == 8192 and draft.config.hidden_size == 576

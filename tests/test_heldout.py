@@ -32,7 +32,8 @@ def test_no_training_record_holds_a_heldout_prompt():
     def norm(text: str) -> str:
         return " ".join(text.split())
 
-    held = {norm(r["conversations"][-1]["value"]) for r in map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())}
+    rows = map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())
+    held = {norm(r["conversations"][-1]["value"]) for r in rows}
     hits = []
     for index, record in iter_records(packaged_sharegpt_path()):
         if index >= heldout.TRAIN_RECORD_LIMIT:
@@ -52,3 +53,21 @@ def test_presets_train_below_the_heldout_records():
         cfg = load_config(name)
         if cfg.data.path.endswith("ShareGPT_V3_unfiltered_cleaned_split.json") and "/mnt/" not in cfg.data.path:
             assert cfg.data.max_samples is not None and cfg.data.max_samples <= heldout.TRAIN_RECORD_LIMIT, name
+
+
+def test_shipped_regenerated_data_holds_no_heldout_prompt():
+    from jobs.config import REGEN_ASSET
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    rows = map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())
+    held = {norm(r["conversations"][-1]["value"]) for r in rows}
+    stamp = json.loads((REGEN_ASSET / "aerie_regenerated.json").read_text())
+    assert stamp["complete"] and stamp["target"] == "builtin:smollm2-135m-instruct"
+    assert stamp["sampling"]["temperature"] == 0.0
+    assert stamp["input"]["records_seen"] <= heldout.TRAIN_RECORD_LIMIT
+    records = [json.loads(line) for part in sorted(REGEN_ASSET.glob("part-*.jsonl")) for line in part.open()]
+    assert len(records) == stamp["records"]
+    assert not [r["id"] for r in records for t in r["conversations"]
+                if t["from"] == "human" and norm(t["value"]) in held]

@@ -67,11 +67,12 @@ def build(cfg, tok_dir, root):
 
 
 def test_demo_records_same_batches_stats_and_vocab_as_in_memory_path(ray_local, tmp_path):
-    """The demo preset's data (SmolLM2 tokenizer, ShareGPT, packed): the store path = today's path, exactly."""
+    """The official-recipe preset's data (SmolLM2 tokenizer, 320 ShareGPT records, packed): the store path = today's
+    path, exactly."""
     from jobs.config import load_config
     from jobs.data_prep import load_tokenizer, prepare_data
 
-    cfg = load_config("smollm2-sharegpt-cpu", None, [f"data.store_dir={tmp_path}", "data.tokenizer_workers=2"])
+    cfg = load_config("smollm2-sharegpt-cpu-official", None, [f"data.store_dir={tmp_path}", "data.tokenizer_workers=2"])
     data = prepare_data(cfg)
     tok = load_tokenizer(cfg.target.model)
     samples, stats = load_samples(cfg.data, tok)
