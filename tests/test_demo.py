@@ -1,7 +1,7 @@
 """`make demo`'s own driver path, shortened: the smollm2-sharegpt-cpu preset (real SmolLM2-135M target, its
 shipped regenerated ShareGPT answers, its dtype and its end-of-training evaluation on the held-out prompts) trains a
-few steps, exports, evaluates, prints the summary and leaves its MLflow run FINISHED with everything logged. The demo once died here, after training, in the
-evaluation; no test ran this path."""
+few steps, exports, evaluates, prints the summary and leaves its MLflow run FINISHED with everything logged. The demo
+once died here, after training, in the evaluation; no test ran this path."""
 
 from __future__ import annotations
 
