@@ -176,11 +176,10 @@ class Scorer:
 
 
 def save(report: dict, path: Path) -> None:
-    """Atomic write, so an interrupted sweep never leaves a torn JSON behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    """Atomic write (jobs.train.atomic_write), so an interrupted sweep never leaves a torn JSON behind."""
+    from jobs.train import atomic_write
+
+    atomic_write(path, json.dumps(report, indent=2))
 
 
 def ordered(report: dict) -> list[tuple[str, dict]]:

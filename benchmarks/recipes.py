@@ -186,11 +186,10 @@ class Scorer:
 
 
 def save(report: dict, path: Path) -> None:
-    """Atomic write, so an interrupted sweep never leaves a torn JSON behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    """Atomic write (jobs.train.atomic_write), so an interrupted sweep never leaves a torn JSON behind."""
+    from jobs.train import atomic_write
+
+    atomic_write(path, json.dumps(report, indent=1))
 
 
 def _tau(r: dict, method: str) -> str:

@@ -523,8 +523,9 @@ def progress_bar(tracker, total: int, every_s: float = 2.0):
 
 def export_from_checkpoint(cfg: JobConfig, draft_cfg, data, checkpoint) -> Path:
     """Load the final training checkpoint and export the draft (atomic) to <run_dir>/export."""
-    from eagle3.export import load_safetensors, save_draft
+    from eagle3.export import load_safetensors
     from eagle3.model import Eagle3Draft
+    from jobs.train_loop import export_draft
 
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; nothing to export")
@@ -532,13 +533,7 @@ def export_from_checkpoint(cfg: JobConfig, draft_cfg, data, checkpoint) -> Path:
     with checkpoint.as_directory() as d:
         weights = load_safetensors(Path(d) / "draft.safetensors", "the final checkpoint is damaged; re-run with --fresh")
         draft.load_state_dict(weights, strict=False)
-    verifier = None
-    if cfg.export_format == "speculators":
-        from actors.models import resolve_model
-
-        verifier = resolve_model(cfg.target.model)
-    return save_draft(draft, cfg.run_dir / "export", fmt=cfg.export_format, verifier=verifier,
-                      num_speculative_tokens=cfg.ttt.length)
+    return export_draft(cfg, draft, cfg.run_dir / "export")
 
 
 def final_metrics(tracker, cfg: JobConfig) -> dict:

@@ -427,21 +427,27 @@ def snapshot_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "snapshots" / f"step-{step:07d}"
 
 
-def write_snapshot(cfg: JobConfig, draft: Eagle3Draft, step: int, counters: dict, target_tokens: int) -> Path:
-    """Export the draft as it is after `step` to <run_dir>/snapshots/step-NNNNNNN (atomic, the run's
-    export_format, fp32) with progress.json; a learning curve evaluates these after (or while) the run trains."""
+def export_draft(cfg: JobConfig, draft: Eagle3Draft, out: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Save `draft` to `out` (atomic, fp32) in the run's export_format; the speculators format also records the
+    verifier (the target model). The final export and every snapshot go through here, so they load the same way."""
     from eagle3.export import save_draft
 
-    progress = {"step": step, "trained_tokens": counters["tokens"], "target_tokens": target_tokens,
-                "samples_trained": counters["samples"], "train_seconds": round(counters.get("train_seconds", 0.0), 2),
-                "generated_tokens": counters.get("generated_tokens", 0)}
     verifier = None
     if cfg.export_format == "speculators":
         from actors.models import resolve_model
 
         verifier = resolve_model(cfg.target.model)
-    return save_draft(draft, snapshot_dir(cfg.run_dir, step), fmt=cfg.export_format, verifier=verifier,
-                      num_speculative_tokens=cfg.ttt.length, extra_files={"progress.json": json.dumps(progress)})
+    return save_draft(draft, out, fmt=cfg.export_format, verifier=verifier, num_speculative_tokens=cfg.ttt.length,
+                      extra_files=extra_files)
+
+
+def write_snapshot(cfg: JobConfig, draft: Eagle3Draft, step: int, counters: dict, target_tokens: int) -> Path:
+    """Export the draft as it is after `step` to <run_dir>/snapshots/step-NNNNNNN with progress.json; a learning
+    curve evaluates these after (or while) the run trains."""
+    progress = {"step": step, "trained_tokens": counters["tokens"], "target_tokens": target_tokens,
+                "samples_trained": counters["samples"], "train_seconds": round(counters.get("train_seconds", 0.0), 2),
+                "generated_tokens": counters.get("generated_tokens", 0)}
+    return export_draft(cfg, draft, snapshot_dir(cfg.run_dir, step), {"progress.json": json.dumps(progress)})
 
 
 def step_stats(r: StepResult, tb: TargetBatch, relabel: RelabelResult | None, w: float, device: torch.device) -> Tensor:

@@ -12,6 +12,17 @@ from jobs.data_prep import load_tokenizer
 from jobs.eval import load_prompts
 
 
+def norm(text: str) -> str:
+    """Whitespace-normalised text; written here, not imported from jobs.heldout, so the checks stay independent of
+    the code that built the file."""
+    return " ".join(text.split())
+
+
+def heldout_texts() -> set[str]:
+    rows = map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())
+    return {norm(r["conversations"][-1]["value"]) for r in rows}
+
+
 def test_heldout_file_rebuilds_identically(tmp_path):
     out = heldout.build(tmp_path / "h.jsonl")
     assert out.read_bytes() == heldout.HELDOUT_PATH.read_bytes()
@@ -27,13 +38,8 @@ def test_heldout_prompts_are_distinct_and_load():
 
 
 def test_no_training_record_holds_a_heldout_prompt():
-    # Independent of jobs.eval.prompt_messages: any human turn of any training record equal to a held-out first turn
-    # (whitespace-normalised) counts, not just first turns.
-    def norm(text: str) -> str:
-        return " ".join(text.split())
-
-    rows = map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())
-    held = {norm(r["conversations"][-1]["value"]) for r in rows}
+    # Any human turn of any training record equal to a held-out first turn counts, not just first turns.
+    held = heldout_texts()
     hits = []
     for index, record in iter_records(packaged_sharegpt_path()):
         if index >= heldout.TRAIN_RECORD_LIMIT:
@@ -58,11 +64,7 @@ def test_presets_train_below_the_heldout_records():
 def test_shipped_regenerated_data_holds_no_heldout_prompt():
     from jobs.config import REGEN_ASSET
 
-    def norm(text: str) -> str:
-        return " ".join(text.split())
-
-    rows = map(json.loads, heldout.HELDOUT_PATH.read_text().splitlines())
-    held = {norm(r["conversations"][-1]["value"]) for r in rows}
+    held = heldout_texts()
     stamp = json.loads((REGEN_ASSET / "aerie_regenerated.json").read_text())
     assert stamp["complete"] and stamp["target"] == "builtin:smollm2-135m-instruct"
     assert stamp["sampling"]["temperature"] == 0.0
