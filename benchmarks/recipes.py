@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "recipes.json"))
     ap.add_argument("--runs", default="runs/recipes")
     ap.add_argument("--table", action="store_true", help="print the table and draw the PNG from the JSON only")
+    ap.add_argument("--score-only", action="store_true",
+                    help="score the arms' existing snapshots, never train (e.g. while the arm's run still trains)")
     args = ap.parse_args()
 
     out_path = Path(args.out)
@@ -98,7 +100,7 @@ def main() -> None:
         if report.get("eval_set", eval_set) != eval_set:
             raise SystemExit(f"{out_path} was scored on {report['eval_set']}, not {eval_set}; use another --out")
         report.update({"eval_set": eval_set, "preset": "smollm2-sharegpt-cpu-official", "torch": torch.__version__})
-        scorer = Scorer(args)
+        scorer = Scorer(args, eval_set)
         for arm in [a for a in args.arms.split(",") if a]:
             run_arm(arm, args, report, scorer, out_path)
     print(table(report))
@@ -116,7 +118,7 @@ def run_arm(arm: str, args, report: dict, scorer: "Scorer", out_path: Path) -> N
     overrides = arm_overrides(arm, args)
     entry = report["arms"].setdefault(arm, {"snapshots": {}})
     run_dir = Path(args.runs).absolute() / f"rc-{arm}"
-    if entry.get("steps_trained", 0) < args.steps:
+    if entry.get("steps_trained", 0) < args.steps and not args.score_only:
         print(f"[recipes] {arm}: training to step {args.steps}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         s = train.main(["--preset", "smollm2-sharegpt-cpu-official", *sum([["--set", o] for o in overrides], [])])
@@ -142,8 +144,8 @@ def run_arm(arm: str, args, report: dict, scorer: "Scorer", out_path: Path) -> N
 class Scorer:
     """One fp32 target, the held-out prompts and one plain-decoding baseline for every snapshot (loaded once)."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, eval_set: dict):
+        self.args, self.eval_set = args, eval_set
         self.target = None
 
     def _load(self) -> None:
@@ -164,6 +166,24 @@ class Scorer:
                                         max_new_tokens=a.eval_new_tokens))
 
     def score(self, export: Path) -> dict:
+        """The snapshot's scores, kept next to it (score-<eval set hash>.json): a second process (--score-only, while
+        the arm still trains) and a resumed sweep reuse them instead of decoding again."""
+        import hashlib
+        import os
+
+        from jobs.train import atomic_write
+
+        cache = export / f"score-{hashlib.sha256(json.dumps(self.eval_set, sort_keys=True).encode()).hexdigest()[:12]}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        load_before = os.getloadavg()[0]
+        out = self._score(export)
+        # Wall-clock speed-ups only mean something on otherwise idle cores: keep the load next to them.
+        out["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        atomic_write(cache, json.dumps(out, indent=1))
+        return out
+
+    def _score(self, export: Path) -> dict:
         from eagle3.spec_decode import evaluate
         from jobs import eval as ev
 
