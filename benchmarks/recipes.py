@@ -4,7 +4,8 @@
     python benchmarks/recipes.py --arms regen-k5,regen-k9 --steps 600 --regen-dir ...   # TTT length variants
     python benchmarks/recipes.py --table                                               # table + PNG only
 
-An arm is a base recipe, optionally with `-kN` (TTT length N, default 7):
+An arm is a base recipe, optionally with `-kN` (TTT length N, default 7) and then `-lrX` (learning rate X instead of
+--lr, e.g. `regen-lr3e-3`):
   official       `data` mode on ShareGPT (the official EAGLE-3 recipe: the dataset's own responses)
   regen          `data` mode on target-regenerated responses (`--regen-dir`: an `aerie regenerate` folder)
   target         `target` token feedback on ShareGPT (a quarter of the scored positions, relabelled by the target)
@@ -46,7 +47,14 @@ CHAIN_K = 5
 
 
 def parse_arm(arm: str) -> tuple[str, int, list[str]]:
-    """'regen-k5' → ('regen', 5, overrides)."""
+    """'regen-k5' → ('regen', 5, overrides); 'regen-lr3e-3' → ('regen', 7, [..., optim.lr=0.003])."""
+    lr = []
+    if "-lr" in arm:
+        arm, _, value = arm.partition("-lr")
+        try:
+            lr = [f"optim.lr={float(value)}"]
+        except ValueError:
+            raise SystemExit(f"arm {arm}-lr{value}: the learning rate after -lr must be a number, e.g. -lr3e-3") from None
     base, k = arm, 7
     head, _, tail = arm.rpartition("-k")
     if head and tail.isdigit():
@@ -54,7 +62,7 @@ def parse_arm(arm: str) -> tuple[str, int, list[str]]:
     if base not in BASES:
         raise SystemExit(f"unknown arm {arm!r}: a base of {sorted(BASES)} with an optional -kN suffix")
     source, sets = BASES[base]
-    return source, k, [*sets, f"ttt.length={k}"]
+    return source, k, [*sets, f"ttt.length={k}", *lr]
 
 
 def arm_overrides(arm: str, args) -> list[str]:
@@ -65,8 +73,9 @@ def arm_overrides(arm: str, args) -> list[str]:
         data = [f"data.path={Path(args.regen_dir).absolute()}", "data.max_samples=null"]
     else:
         data = [f"data.max_samples={SHAREGPT_RECORDS}"]
+    lr = [] if any(o.startswith("optim.lr=") for o in sets) else [f"optim.lr={args.lr}"]
     return [f"output_dir={Path(args.runs).absolute()}", f"name=rc-{arm}", f"optim.max_steps={args.steps}",
-            "optim.min_lr_ratio=1.0", f"optim.lr={args.lr}", "optim.epochs=100",
+            "optim.min_lr_ratio=1.0", *lr, "optim.epochs=100",
             f"trainer.snapshot_every={args.snapshot_every}", f"trainer.checkpoint_every={args.snapshot_every}",
             "eval.enabled=false", "tracking.system_metrics_interval_s=0", *data, *sets]
 
