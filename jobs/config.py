@@ -278,6 +278,18 @@ def smollm2_sharegpt_cpu() -> dict:
     return cfg
 
 
+def smollm2_sharegpt_cpu_1h() -> dict:
+    """About an hour of training on 2 cores: the demo's recipe for 1,250 steps (~1.2M trained tokens, ~3.3 epochs of
+    the shipped regenerated answers), constant learning rate after warm-up. Settings equal the recipes' `regen` arm
+    at its step-1,250 snapshot (BENCHMARKS.md, "Draft recipes"); evaluated on 48 held-out prompts."""
+    cfg = smollm2_sharegpt_cpu()
+    cfg["name"] = "smollm2-sharegpt-cpu-1h"
+    cfg["optim"] = {**cfg["optim"], "max_steps": 1250, "epochs": 100}  # max_steps ends it, after ~3.3 epochs
+    cfg["trainer"] = {**cfg["trainer"], "checkpoint_every": 250}
+    cfg["eval"] = {**cfg["eval"], "num_prompts": 48, "max_new_tokens": 64}
+    return cfg
+
+
 def smollm2_sharegpt_cpu_draft() -> dict:
     """The CPU demo with draft-path token feedback: a quarter of the scored positions feed the draft's own argmax
     at TTT steps >= 1, relabelled by the target, weighted by greedy chain survival (the best of the feedback modes
@@ -312,6 +324,7 @@ PRESETS: dict[str, Callable[[], dict]] = {
     "tiny": tiny,
     "smollm2-sharegpt-cpu": smollm2_sharegpt_cpu,
     "smollm2-sharegpt-cpu-official": smollm2_sharegpt_cpu_official,
+    "smollm2-sharegpt-cpu-1h": smollm2_sharegpt_cpu_1h,
     "smollm2-sharegpt-cpu-draft": smollm2_sharegpt_cpu_draft,
     "llama3-8b-8gpu": llama3_8b_8gpu,
 }

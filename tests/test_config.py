@@ -164,7 +164,8 @@ def test_section_not_a_mapping():
 
 def test_unknown_preset():
     assert error(preset="nope") == ("unknown preset 'nope'; choose one of tiny, smollm2-sharegpt-cpu, "
-                                    "smollm2-sharegpt-cpu-official, smollm2-sharegpt-cpu-draft, llama3-8b-8gpu")
+                                    "smollm2-sharegpt-cpu-official, smollm2-sharegpt-cpu-1h, smollm2-sharegpt-cpu-draft, "
+                                    "llama3-8b-8gpu")
 
 
 def test_set_without_equals():

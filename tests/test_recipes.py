@@ -43,3 +43,20 @@ def test_equal_time_table_takes_each_arms_last_snapshot_within_the_shortest_run(
     assert rows[0] == "Equal training time (≤ 400 s, each arm's last snapshot within it):"
     assert rows[4].startswith("| a | 200 | 200,000 | 400 | 1.200 |")
     assert rows[5].startswith("| b | 200 | 200,000 | 390 | 1.400 |")
+
+
+@pytest.mark.parametrize("preset,steps", [("smollm2-sharegpt-cpu", 300), ("smollm2-sharegpt-cpu-1h", 1250)])
+def test_presets_train_the_measured_regen_arm(preset, steps):
+    # The demo and the 1-hour preset claim the numbers of the recipes' `regen` arm at that many steps: everything
+    # that shapes training must be the arm's (run names, snapshots and the end-of-run eval may differ).
+    from jobs.config import REGEN_ASSET, load_config, to_dict
+
+    args = SimpleNamespace(regen_dir=str(REGEN_ASSET), runs="runs/x", steps=steps, lr=1e-3, snapshot_every=250)
+    arm = to_dict(load_config("smollm2-sharegpt-cpu-official", overrides=recipes.arm_overrides("regen", args)))
+    mine = to_dict(load_config(preset))
+    for section in ["target", "data", "draft", "ttt"]:
+        assert mine[section] == arm[section], section
+    # epochs only bounds the run: max_steps stops both within the data's epochs they reach.
+    assert {k: v for k, v in mine["optim"].items() if k != "epochs"} == \
+        {k: v for k, v in arm["optim"].items() if k != "epochs"}
+    assert mine["optim"]["max_steps"] == steps
