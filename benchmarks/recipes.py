@@ -60,7 +60,7 @@ def parse_arm(arm: str) -> tuple[str, int, list[str]]:
     if head and tail.isdigit():
         base, k = head, int(tail)
     if base not in BASES:
-        raise SystemExit(f"unknown arm {arm!r}: a base of {sorted(BASES)} with an optional -kN suffix")
+        raise SystemExit(f"unknown arm {arm!r}: a base of {sorted(BASES)} with an optional -kN and then -lrX suffix")
     source, sets = BASES[base]
     return source, k, [*sets, f"ttt.length={k}", *lr]
 

@@ -108,12 +108,14 @@ def test_preset_trains_with_vllm_targets(preset, ray_local, tmp_path, monkeypatc
     assert agree.float().mean() > 0.95
 
     # 2. The run trained on them, in the reference's order.
-    learner = Learner(cfg, draft_config_for(hf.info(), cfg.draft.vocab_size), hf.frozen_weights(), data.vocab,
-                      STEPS, torch.device("cpu"))
-    want = [learner.step(hf.forward(data.batches[b])).loss_k for b in order[:STEPS]]
-    mirror = Learner(cfg, draft_config_for(hf.info(), cfg.draft.vocab_size), hf.frozen_weights(), data.vocab, STEPS,
-                     torch.device("cpu"))
-    own = [mirror.step(f).loss_k for f in own_features]
+    def losses(features) -> list[list[float]]:
+        """loss_k per step of a fresh learner (the run's seed and init) fed `features` in order."""
+        learner = Learner(cfg, draft_config_for(hf.info(), cfg.draft.vocab_size), hf.frozen_weights(), data.vocab,
+                          STEPS, torch.device("cpu"))
+        return [learner.step(f).loss_k for f in features]
+
+    want = losses(hf.forward(data.batches[b]) for b in order[:STEPS])
+    own = losses(own_features)
     client = MlflowClient(s["mlflow_uri"])
     run = client.get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["target.backend"] == "vllm"
