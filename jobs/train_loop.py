@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -321,12 +322,16 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                                offset=rank)
         t_stream = t_last = time.perf_counter()
         seen_resent = seen_requests = 0
+        log_s = 0.0  # the previous step's tracker.log_metrics, reported with this step
         for (b, real), tb, plan, relabel in _with_relabels(learner, relabels, zip(shard, stream), step):
             if rank == 0 and faults.kill_target_at_step and step + 1 == faults.kill_target_at_step:
                 ray.kill(targets[0], no_restart=False)  # drill: in-flight requests must be resent
             w = 1.0 if real else 0.0
+            t0 = time.perf_counter()
             r = learner.step(tb, weight=w, plan=plan, relabel=relabel)
+            t1 = time.perf_counter()
             release_freed_memory()
+            trim_s = time.perf_counter() - t1
             step += 1
             # Sum over workers; dummy (zero-weight) steps contribute nothing.
             K = len(r.loss_k)
@@ -359,6 +364,10 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 "trained_tokens": counters["tokens"], "samples_trained": counters["samples"],
                 "sample_id_checksum": counters["sample_crc"],  # see step_stats
                 "stream_resent": counters["resent"], "stream_requests": counters["requests"],
+                # Where the step's wall time went (the rest: waiting for the target, bookkeeping): a slowdown over
+                # a long run shows up in one of these.
+                "time_step_s": dt, "time_learner_s": t1 - t0, "time_trim_s": trim_s, "time_log_s": log_s,
+                "trainer_rss_mib": rss_mib(),
             }
             if cfg.data.regenerate:
                 counters["generated_tokens"] = counters.get("generated_tokens", 0) + int(generated)
@@ -384,7 +393,9 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
             metrics["target_tokens"] = target_tokens
             metrics.update({f"loss_{k}": float(loss_k[k]) for k in range(K)})
             metrics.update({f"acc_{k}": float(acc_k[k]) for k in range(K)})
+            t_log = time.perf_counter()
             tracker.log_metrics(metrics, step)
+            log_s = time.perf_counter() - t_log
             if rank == 0 and faults.crash_worker_at_step == step and not crash_marker.exists():
                 crash_marker.touch()
                 raise RuntimeError(f"fault injection: worker crash at step {step}")
@@ -401,6 +412,15 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
 
 
 _LIBC = None
+
+
+def rss_mib() -> float:
+    """This process's resident set now, MiB (Linux /proc; 0 where it is absent)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def release_freed_memory() -> None:

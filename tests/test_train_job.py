@@ -43,7 +43,8 @@ def test_tiny_preset_end_to_end(reference_run):
     assert p["ttt.length"] == "3" and p["target_info.model_id"] == "builtin:tiny-llama"
     assert p["target_info.aux_layer_ids"] == "[2, 3, 3]" and p["trainer.num_workers"] == "2"
     for key in ["loss", "loss_0", "loss_2", "acc_0", "acc_2", "sim_accept_len", "lr", "grad_norm", "tokens_per_s",
-                "target_wait_frac", "wire_bytes_per_token"]:
+                "target_wait_frac", "wire_bytes_per_token", "time_step_s", "time_learner_s", "time_trim_s",
+                "time_log_s", "trainer_rss_mib"]:
         hist = client.get_metric_history(r.info.run_id, key)
         assert sorted(m.step for m in hist) == list(range(1, STEPS + 1)), key
     # Each sample exactly once per epoch across both workers: 48 samples in 12 batches of 4, 2 workers → 6 steps
@@ -53,6 +54,11 @@ def test_tiny_preset_end_to_end(reference_run):
     assert s["samples"] == cfg.data.max_samples
     # bf16 wire floor: 8h bytes per real token (h = 64); padding tokens make the measured value higher.
     assert r.data.metrics["wire_bytes_per_token"] >= 8 * 64
+    # The step's time split: the parts are measured inside the step's wall time, and a live process has pages.
+    m = {k: client.get_metric_history(r.info.run_id, k) for k in ["time_step_s", "time_learner_s", "time_trim_s"]}
+    for st, le, tr in zip(*m.values()):
+        assert 0 < le.value and 0 <= tr.value and le.value + tr.value <= st.value, (st, le, tr)
+    assert r.data.metrics["trainer_rss_mib"] > 50
     assert any(k.startswith("system/") for k in r.data.metrics), sorted(r.data.metrics)  # CPU/memory of trainer
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"config.yaml", "summary.json", "draft", "plots"} <= arts
