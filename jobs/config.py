@@ -160,6 +160,10 @@ class EvalConfig:
     """Draft shape (see eagle3.spec_decode.SpecConfig)."""
     num_draft_tokens: PosInt = 5
     """Chain: draft tokens per verification; tree: the tree depth."""
+    tree_top_k: PosInt = 8
+    """Tree: children expanded per node and nodes expanded per level (EAGLE-2 top-k)."""
+    tree_total_tokens: PosInt = 48
+    """Tree: draft tokens verified per target call. On CPU the verification's cost grows with it (BENCHMARKS.md)."""
     max_new_tokens: PosInt = 32
     """Tokens generated per prompt (greedy; the output is checked against plain target decoding)."""
     max_prompt_tokens: PosInt = 512

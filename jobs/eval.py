@@ -282,7 +282,7 @@ def eval_after_training(cfg, export_dir: Path, skip_records: int, tracker) -> di
         tracker.set_tags({"eval.skipped": str(err)[:500]})
         return {}
     spec = SpecConfig(method=ec.method, num_draft_tokens=ec.num_draft_tokens, tree_depth=ec.num_draft_tokens,
-                      max_new_tokens=ec.max_new_tokens)
+                      tree_top_k=ec.tree_top_k, tree_total_tokens=ec.tree_total_tokens, max_new_tokens=ec.max_new_tokens)
     results = run_configs(target, draft, prompts, [spec], eos=eos_ids(target, tokenizer), progress=False)
     report = {"draft": str(export_dir), "target": cfg.target.model, "target_dtype": ec.target_dtype,
               "prompts": str(source) + (f" (records after the first {skip})" if skip else ""),
@@ -328,9 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", nargs="+", choices=["chain", "tree"], default=["chain"])
     p.add_argument("--k", type=at_least(1), nargs="+", default=[5],
                    help="chain: draft tokens per call (several allowed)")
-    p.add_argument("--tree-depth", type=at_least(1), default=5)
-    p.add_argument("--tree-top-k", type=at_least(1), default=8)
-    p.add_argument("--tree-total-tokens", type=at_least(1), default=48)
+    # Several trees in one run (one baseline): lists of one value or of equal lengths, taken position by position.
+    p.add_argument("--tree-depth", type=at_least(1), nargs="+", default=[5], help="tree: draft steps (EAGLE-2 depth)")
+    p.add_argument("--tree-top-k", type=at_least(1), nargs="+", default=[8], help="tree: children per node")
+    p.add_argument("--tree-total-tokens", type=at_least(1), nargs="+", default=[48],
+                   help="tree: draft tokens verified per call")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -350,8 +352,14 @@ def spec_configs(args: argparse.Namespace) -> list[SpecConfig]:
     if "chain" in args.method:
         configs += [SpecConfig(method="chain", num_draft_tokens=k, **common) for k in args.k]
     if "tree" in args.method:
-        configs.append(SpecConfig(method="tree", tree_depth=args.tree_depth, tree_top_k=args.tree_top_k,
-                                  tree_total_tokens=args.tree_total_tokens, **common))
+        shapes = [args.tree_depth, args.tree_top_k, args.tree_total_tokens]
+        n = max(map(len, shapes))
+        if any(len(v) not in (1, n) for v in shapes):
+            raise ValueError(f"--tree-depth, --tree-top-k and --tree-total-tokens gave {[len(v) for v in shapes]} "
+                             f"values; give each one value or {n} (one per tree, taken position by position)")
+        d, k, t = (v * n if len(v) == 1 else v for v in shapes)
+        configs += [SpecConfig(method="tree", tree_depth=a, tree_top_k=b, tree_total_tokens=c, **common)
+                    for a, b, c in zip(d, k, t)]
     return configs
 
 

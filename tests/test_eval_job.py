@@ -167,6 +167,11 @@ def test_train_hook_logs_held_back_eval(tmp_path, tiny, monkeypatch):
     assert seen == ["bfloat16"] and cfg.target.dtype == "float32"
     assert out["eval_target_dtype"] == "bfloat16" and out["eval_prompts"] == 3
     assert isinstance(out["eval_numerical_ties"], int)
+    # A small tree, as the CPU presets use: its shape comes from eval.tree_top_k / eval.tree_total_tokens.
+    tree = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, method="tree", num_draft_tokens=2,
+                                                             tree_top_k=2, tree_total_tokens=3))
+    out = eval_after_training(tree, export, skip_records=9, tracker=tracker)
+    assert out["eval_config"] == "tree d=2 k=2 n=3" and out["eval_numerical_ties"] == 0
 
 
 def test_ties_in_table_and_metrics():
@@ -197,6 +202,19 @@ def test_cli_rejects_bad_counts_before_loading(flag, value, capsys, monkeypatch)
         eval_job.main(["--draft", "nowhere", "--target", TINY, "--prompts", "x.jsonl", flag, value])
     assert err.value.code == 2
     assert f"argument {flag}: got {value}, must be >= 1; pass a number >= 1" in capsys.readouterr().err
+
+
+def test_cli_several_trees_one_run():
+    """Tree shapes are zipped position by position, a single value applies to every tree, chains come first."""
+    args = eval_job.parse_args(["--draft", "d", "--target", TINY, "--prompts", "p", "--method", "tree", "chain",
+                                "--k", "1", "--tree-depth", "2", "3", "4", "--tree-top-k", "2",
+                                "--tree-total-tokens", "3", "4", "8"])
+    labels = [c.label() for c in eval_job.spec_configs(args)]
+    assert labels == ["chain K=1", "tree d=2 k=2 n=3", "tree d=3 k=2 n=4", "tree d=4 k=2 n=8"]
+    bad = eval_job.parse_args(["--draft", "d", "--target", TINY, "--prompts", "p", "--method", "tree",
+                               "--tree-depth", "2", "3", "--tree-top-k", "2", "3", "4"])
+    with pytest.raises(ValueError, match=r"gave \[2, 3, 1\] values; give each one value or 3"):
+        eval_job.spec_configs(bad)
 
 
 def test_cli_unreachable_tracking_uri_names_eval_flag(monkeypatch):
