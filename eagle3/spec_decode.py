@@ -495,11 +495,19 @@ class _Target:
         return out.logits[0].float().cpu(), feats
 
 
-def _keep_cache(cache, keep: Tensor) -> None:
-    """Keep only sequence positions `keep` (ascending) in every layer of a DynamicCache."""
+def _keep_cache(cache, prefix: int, rows: list[int]) -> None:
+    """Keep the first `prefix` positions and then the verified rows `rows` (ascending offsets after the prefix) in
+    every layer of a DynamicCache. Only the few kept rows move (in place); the prefix is not copied: the cut is a view.
+    A chain's accepted rows are already in place (0..m), so it is only the cut."""
+    m = len(rows)
+    moved = rows != list(range(m))
+    index = torch.tensor(rows, device=cache.layers[0].keys.device) + prefix if moved else None
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(2, keep)
-        layer.values = layer.values.index_select(2, keep)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if moved:
+                t[:, :, prefix : prefix + m] = t.index_select(2, index)
+            setattr(layer, name, t[:, :, : prefix + m])
 
 
 def _pick(logits: Tensor, temperature: float, gen: torch.Generator | None) -> int:
@@ -663,13 +671,16 @@ def evaluate(target, draft: Eagle3Draft | Drafter, prompts: list[list[int]], cfg
                 else:
                     tree = draft_tree(session, root_logits, cfg.tree_depth, cfg.tree_top_k, cfg.tree_total_tokens)
                 prefix = len(prompt) + len(out) - 1  # positions already in the target cache; x_t is next
-                depths = torch.tensor(tree.depths)
-                pos = torch.cat((torch.zeros(1, dtype=torch.long), depths)) + prefix
-                mask = tree_mask(tree.parents, prefix, tgt.dtype, tgt.device)
+                if cfg.method == "chain":  # a chain's tree mask is the causal one: the model's own fast path
+                    pos = mask = None
+                else:
+                    depths = torch.tensor(tree.depths)
+                    pos = torch.cat((torch.zeros(1, dtype=torch.long), depths)) + prefix
+                    mask = tree_mask(tree.parents, prefix, tgt.dtype, tgt.device)
                 logits, aux = tgt.forward(torch.cat((torch.tensor(out[-1:]), tree.tokens)), pos, mask, cache, aux=True)
                 path, bonus = accept(tree, logits, cfg.temperature, gen)
                 rows = [0] + [1 + j for j in path]
-                _keep_cache(cache, torch.cat((torch.arange(prefix), torch.tensor(rows) + prefix)).to(tgt.device))
+                _keep_cache(cache, prefix, rows)
                 new = [int(tree.tokens[j]) for j in path] + [bonus]
                 calls, emitted, drafted = calls + 1, emitted + len(new), drafted + len(tree.parents)
                 accept_hist[len(path)] += 1

@@ -179,6 +179,26 @@ def test_outputs_equal_slow_reference(target, cfg):
     check_counts(real, cfg)
 
 
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2], [0, 2, 5], [0, 3]], ids=["root", "chain", "branches", "skip"])
+def test_keep_cache_equals_index_select(target, rows):
+    """The in-place cut keeps exactly what an index_select of prefix + kept rows would (reference), every layer."""
+    from transformers import DynamicCache
+
+    from eagle3.spec_decode import _keep_cache
+
+    cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(input_ids=torch.tensor([PROMPTS[2]]), past_key_values=cache, use_cache=True)
+    prefix = 3
+    keep = torch.tensor(list(range(prefix)) + [prefix + r for r in rows])
+    want = [(layer.keys.index_select(2, keep).clone(), layer.values.index_select(2, keep).clone())
+            for layer in cache.layers]
+    _keep_cache(cache, prefix, rows)
+    for layer, (k, v) in zip(cache.layers, want):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert cache.get_seq_length() == prefix + len(rows)
+
+
 class Recorder:
     """Wraps a drafter and records what each session was committed: (aux_hidden, next_tokens) per call."""
 
