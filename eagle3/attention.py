@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from eagle3 import numerics
+
 CHUNK = 128  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores
 # CPU auto choice: up to this T the chunked kernel (bf16 matmuls, causal key range per block) beats the fused
 # CPU flash op, which is slow at these sizes; above it flash wins (benchmarks/ttt_step.py, BENCHMARKS.md).
@@ -215,9 +217,12 @@ def _causal_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kernel: st
         # Causal: queries s..e-1 see keys 0..e-1 only, so later keys are never touched.
         scores = (q[:, :, s:e] @ k[:, :, :e].transpose(-1, -2)).to(acc) * scale  # [B, H, c, e]
         scores = scores + _block_mask(mask, s, e, q.device).to(acc)
-        lse = torch.logsumexp(scores, dim=-1)
-        outs.append((torch.exp(scores - lse[..., None]).to(q.dtype) @ v[:, :, :e]).to(q.dtype))
-        lses.append(lse)
+        # Softmax by hand, not logsumexp + exp: its exps are floored (masked -inf entries hit CPU exp's slow path).
+        m = scores.amax(-1, keepdim=True)  # [B, H, c, 1]; finite: every query sees at least itself
+        p = numerics.exp_floored_(scores.sub_(m))
+        total = p.sum(-1, keepdim=True)
+        outs.append((p.div_(total).to(q.dtype) @ v[:, :, :e]).to(q.dtype))
+        lses.append((m + total.log()).squeeze(-1))
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -240,7 +245,7 @@ def _causal_bwd(
         qc, gc = q[:, :, s:e], g[:, :, s:e].to(dt)
         kc, vc = k[:, :, :e], v[:, :, :e]  # causal: keys 0..e-1
         scores = (qc @ kc.transpose(-1, -2)).to(acc) * scale + _block_mask(mask, s, e, q.device).to(acc)
-        p = torch.exp(scores - lse[:, :, s:e, None])  # [B, H, c, e] fp32
+        p = numerics.exp_floored_(scores.sub_(lse[:, :, s:e, None]))  # [B, H, c, e] fp32
         dv[:, :, :e] += (p.to(dt).transpose(-1, -2) @ gc).to(acc)
         ds = (p * ((gc @ vc.transpose(-1, -2)).to(acc) - delta[:, :, s:e, None])).to(dt)
         dq[:, :, s:e] = (ds @ kc).to(acc) * scale

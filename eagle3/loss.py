@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eagle3 import numerics
+
 Normalization = Literal["valid", "official"]
 
 
@@ -159,7 +161,7 @@ class _FusedSoftCE(torch.autograd.Function):
                 wc = part.w[s:e].to(acc)
                 psum = p.sum(-1)
                 pz = torch.linalg.vecdot(p, z)
-                ez = z.sub_(zmax[:, None]).exp_()  # z is not needed after this
+                ez = numerics.exp_floored_(z.sub_(zmax[:, None]))  # z is not needed after this
                 sumexp = ez.sum(-1)
                 ce += (wc * ((zmax + torch.log(sumexp)) * psum - pz)).sum()
                 if need_dx or need_dw:

@@ -322,6 +322,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                                offset=rank)
         t_stream = t_last = time.perf_counter()
         seen_resent = seen_requests = 0
+        relabel_wait0 = relabels.stats.wait_seconds  # the client lives across epochs; the fraction is this epoch's
         log_s = 0.0  # the previous step's tracker.log_metrics, reported with this step
         for (b, real), tb, plan, relabel in _with_relabels(learner, relabels, zip(shard, stream), step):
             if rank == 0 and faults.kill_target_at_step and step + 1 == faults.kill_target_at_step:
@@ -382,7 +383,7 @@ def _train(cfg, learner, tracker, targets, batches, rank, world, step, counters,
                 rs = relabels.stats
                 metrics.update({
                     "relabel_tokens_per_token": counters["branch_tokens"] / max(counters["tokens"], 1),
-                    "relabel_wait_frac": rs.wait_seconds / max(now - t_stream, 1e-9),
+                    "relabel_wait_frac": (rs.wait_seconds - relabel_wait0) / max(now - t_stream, 1e-9),
                     "relabel_cache_hit_frac": rs.cache_hits / max(rs.answered, 1),
                     "relabel_resent": rs.resent,
                 })

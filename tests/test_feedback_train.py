@@ -100,8 +100,10 @@ def test_draft_feedback_labels_come_from_the_target_on_the_drafts_path(target):
     ["ttt.token_feedback=target", "optim.max_target_tokens=3000", "ttt.branch_fraction=0.25"],
 ], ids=["draft", "target+budget"])
 def test_feedback_modes_train_through_the_ray_job(ray_local, tmp_path, mode):
-    args = ["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", "name=fb", "--set", "optim.max_steps=5",
-            "--set", "trainer.checkpoint_every=100"]
+    # draft: 14 steps cross the first epoch's end (12 batches), where the per-epoch fractions restart.
+    steps = 14 if "draft" in mode[0] else 5
+    args = ["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", "name=fb", "--set",
+            f"optim.max_steps={steps}", "--set", "trainer.checkpoint_every=100"]
     for m in mode:
         args += ["--set", m]
     s = train.main(args)
@@ -120,8 +122,10 @@ def test_feedback_modes_train_through_the_ray_job(ray_local, tmp_path, mode):
         assert spent[-1] >= budget and spent[-2] < budget and len(spent) < 5
         assert s["target_tokens"] == spent[-1]
     else:
-        assert len(spent) == 5
+        assert len(spent) == steps
     for key in ["loss", "relabel_wait_frac", "acc_1"]:
         assert len(client.get_metric_history(r.info.run_id, key)) == len(spent), key
+    waits = [x.value for x in client.get_metric_history(r.info.run_id, "relabel_wait_frac")]
+    assert all(0 <= w <= 1 for w in waits), waits  # a share of this epoch's time, also after an epoch's end
     if "draft" in mode[0]:
         assert "survival_1" in m
