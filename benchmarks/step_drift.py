@@ -4,6 +4,10 @@ weights and with a trained snapshot's weights, alternating (A B A B) in one proc
 rate is 0, so every repetition runs the same weights (AdamW still runs in full).
 
     python benchmarks/step_drift.py --snapshot runs/recipes-xeon/rc-regen-target/snapshots/step-0000500
+    python benchmarks/step_drift.py --snapshot ... --rounds 0 --burn 150 --out benchmarks/results/step_drift-burn.json
+
+`--burn N` asks the other question: fresh weights timed, N more steps on the same batches, fresh weights timed
+again; a slowdown there belongs to the process (memory), not to the weights.
 
 Prints a table and writes benchmarks/results/step_drift.json. One thread (as the trainer runs); the target's features
 are computed first, in the same process, so nothing else runs while the steps are timed.
@@ -38,6 +42,9 @@ def main() -> None:
     ap.add_argument("--preset", default="smollm2-sharegpt-cpu")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--burn", type=int, default=0,
+                    help="then this many more steps (fresh weights, the same batches) and time fresh weights again: "
+                         "does the process itself slow down?")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -92,13 +99,28 @@ def main() -> None:
                              "tokens_per_s": tokens / r["seconds"]})
                 print(f"round {rnd} {name:8s} exp floor={floor!s:5}: {r['seconds']:6.1f} s  "
                       f"{tokens / r['seconds']:6.0f} tok/s  loss {r['mean_loss']:.3f}", flush=True)
+    if args.burn:
+        before = timed(fresh, True)
+        t0 = time.perf_counter()
+        for j in range(args.burn):
+            learner.step(feats[j % len(feats)])
+            release_freed_memory()
+        burn_s = time.perf_counter() - t0
+        after = timed(fresh, True)
+        rows += [{"round": "before-burn", "weights": "fresh", "exp_floor": True, **before,
+                  "tokens_per_s": tokens / before["seconds"]},
+                 {"round": f"after-{args.burn}-steps", "weights": "fresh", "exp_floor": True, **after,
+                  "tokens_per_s": tokens / after["seconds"], "burn_seconds": burn_s}]
+        print(f"fresh weights before {args.burn} more steps: {tokens / before['seconds']:.0f} tok/s, after: "
+              f"{tokens / after['seconds']:.0f} tok/s (the {args.burn} steps took {burn_s:.0f} s)", flush=True)
     best = {}
-    for row in rows:
+    for row in [r for r in rows if isinstance(r["round"], int)]:
         key = (row["weights"], row["exp_floor"])
         best[key] = max(best.get(key, 0.0), row["tokens_per_s"])
-    print("\n| weights | exp floor | best tokens/s | vs fresh, no floor |\n|---|---|---:|---:|")
-    for (w, fl), v in best.items():
-        print(f"| {w} | {'on' if fl else 'off'} | {v:.0f} | {v / best[('fresh', False)]:.3f} |")
+    if best:
+        print("\n| weights | exp floor | best tokens/s | vs fresh, no floor |\n|---|---|---:|---:|")
+        for (w, fl), v in best.items():
+            print(f"| {w} | {'on' if fl else 'off'} | {v:.0f} | {v / best[('fresh', False)]:.3f} |")
     atomic_write(Path(args.out), json.dumps({"snapshot": args.snapshot, "preset": args.preset, "tokens": tokens,
                                              "batches": args.batches, "cpu": platform.processor(),
                                              "torch": torch.__version__, "rows": rows}, indent=2))
