@@ -103,7 +103,7 @@ def test_feedback_modes_train_through_the_ray_job(ray_local, tmp_path, mode):
     # draft: 14 steps cross the first epoch's end (12 batches), where the per-epoch fractions restart.
     steps = 14 if "draft" in mode[0] else 5
     args = ["--preset", "tiny", "--set", f"output_dir={tmp_path}", "--set", "name=fb", "--set",
-            f"optim.max_steps={steps}", "--set", "trainer.checkpoint_every=100"]
+            f"optim.max_steps={steps}", "--set", "optim.epochs=2", "--set", "trainer.checkpoint_every=100"]
     for m in mode:
         args += ["--set", m]
     s = train.main(args)
