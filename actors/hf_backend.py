@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Annotated, Literal
 
 import torch
@@ -32,6 +32,7 @@ from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, Target
 from eagle3.attention import document_block_mask, packed_causal_bias
 from eagle3.data import Batch
 from eagle3.model import default_aux_layer_ids, rope_parameters_of
+from eagle3.numerics import resolve_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,8 +45,10 @@ class TargetConfig:
     """Built-in name, local HF folder, or .gguf file (see actors.models)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Engine of the target actors: 'hf' (transformers: everything) or 'vllm' (forward + generate, no relabel)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of the target (float32 | bfloat16 | float16); features travel as bf16 regardless."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the target (float32 | bfloat16 | float16); features travel as bf16 regardless. 'auto':
+    bfloat16 where the actor's device multiplies bf16 natively (CUDA >= sm80; CPUs with AVX512-BF16 or AMX), else
+    float32, decided by each actor on its own device (TargetInfo.dtype reports the choice)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if the actor has a GPU, else cpu), 'cpu' or 'cuda'."""
     attn_implementation: Literal["auto", "sdpa", "flex_attention"] = "auto"
@@ -91,8 +94,8 @@ class TargetConfig:
     def __post_init__(self) -> None:
         # Repeats the annotations' ranges and choices for configs built in Python; jobs.config checks the
         # annotations themselves (types included) when it loads a run.
-        if self.dtype not in DTYPES:
-            raise ValueError(f"target.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"target.dtype={self.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"target.backend={self.backend!r}: choose hf or vllm")
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
@@ -155,6 +158,12 @@ class PrefixKV:
         """Same tokens, positions and packing: a key from another actor (or a restarted one) can't alias."""
         return all(a.shape == b.shape and torch.equal(a, b.cpu()) for a, b in (
             (self.input_ids, batch.input_ids), (self.position_ids, batch.position_ids), (self.doc_ids, batch.doc_ids)))
+
+
+def resolved_dtype(cfg: TargetConfig, device: str) -> TargetConfig:
+    """`cfg` with dtype 'auto' resolved on this actor's device (eagle3.numerics.resolve_dtype)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    return cfg if dtype == cfg.dtype else replace(cfg, dtype=dtype)
 
 
 def target_info(cfg: TargetConfig, folder, text_cfg, aux_layer_ids: tuple[int, ...], tokenizer) -> TargetInfo:
@@ -242,6 +251,7 @@ class HFTarget:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cfg = cfg = resolved_dtype(cfg, device)
         self.dtype = DTYPES[cfg.dtype]
         spread = int(cfg.gpus_per_actor) if device == "cuda" and cfg.gpus_per_actor > 1 else 0
         attn = cfg.attn_implementation

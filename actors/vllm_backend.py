@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from actors.hf_backend import TargetConfig, target_info
+from actors.hf_backend import TargetConfig, resolved_dtype, target_info
 from actors.models import resolve_model
 from actors.protocol import (FrozenWeights, GenerationParams, RegenRequest, RelabelRequest, RelabelResult,
                              TargetBatch, TargetInfo)
@@ -44,6 +44,9 @@ class VLLMTarget:
     def __init__(self, cfg: TargetConfig, name: str = "target") -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        # 'auto' dtype on this actor's device, before anything reads cfg.dtype (vLLM's own 'auto' would mean the
+        # checkpoint's dtype: bf16 even on a CPU without bf16 matmuls).
+        cfg = resolved_dtype(cfg, "cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
         self.cfg, self.name = cfg, name
         folder = resolve_model(cfg.model)
         self.folder = folder

@@ -13,10 +13,11 @@ Paths compared on the same draft, inputs and unroll (same weights, same seed):
              materialise the [B,H,T,T] causal scores, concat the per-step diagonal scores, fp32 softmax, let
              autograd save the [B,H,T,T+k] probabilities of every step (memory K·T²), materialised logits; its
              teacher is Aerie's (in the target's dtype), so the comparison isolates the draft's step; foreach AdamW.
-All run under bf16 autocast over fp32 master weights (the trainer's default, `optim.bf16`) unless --dtype fp32.
+All run under bf16 autocast over fp32 master weights where this CPU multiplies bf16 natively (the trainer's default,
+`optim.bf16: auto`), else in fp32 (--dtype bf16 / fp32 force one).
 
 Goals (issue 13), computed from the rows of one run: `aerie` tokens/s at the demo shapes (h 576, T 512, K 7, draft
-vocab 8,192) against the FLOP floor = draft FLOPs per token ÷ a bf16 matmul rate measured in the same run at the
+vocab 8,192) against the FLOP floor = draft FLOPs per token ÷ a matmul rate (step dtype) measured in the same run at the
 step's own GEMM shapes; `aerie` vs `eager` speed at T = 512 and 2,048; peak memory at T = 2,048, K = 7.
 
 Each config runs in a fresh subprocess (`--one '<json>'`) so peak RSS does not leak across configs. Peak MiB is
@@ -240,13 +241,14 @@ def gemm_shapes(hidden: int, T: int) -> list[tuple[int, int, int, int]]:
             (T, h, draft_vocab_of(hidden), 1)]
 
 
-def matmul_rate(hidden: int, T: int, threads: int, repeats: int = 7) -> dict:
-    """bf16 GFLOP/s of the step's own forward GEMM shapes (FLOP-weighted: total FLOPs ÷ total best times),
-    best of `repeats` each, with `threads` torch threads; the fp32 rate of the largest shape for comparison."""
+def matmul_rate(hidden: int, T: int, threads: int, dtype: str = "bf16", repeats: int = 7) -> dict:
+    """GFLOP/s in the step's dtype (bf16 | fp32) of its own forward GEMM shapes (FLOP-weighted: total FLOPs ÷ total
+    best times), best of `repeats` each, with `threads` torch threads; the fp32 rate of the largest shape too."""
     torch.set_num_threads(threads)
     total_flop, total_s, per = 0.0, 0.0, []
+    mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     for M, Kd, N, count in gemm_shapes(hidden, T):
-        a, b = torch.randn(M, Kd).bfloat16(), torch.randn(Kd, N).bfloat16()
+        a, b = torch.randn(M, Kd).to(mm_dtype), torch.randn(Kd, N).to(mm_dtype)
         best = _best_time(lambda: a @ b, repeats)
         flop = 2.0 * M * Kd * N * count
         total_flop, total_s = total_flop + flop, total_s + best * count
@@ -254,7 +256,7 @@ def matmul_rate(hidden: int, T: int, threads: int, repeats: int = 7) -> dict:
     M, Kd, N, _ = gemm_shapes(hidden, T)[-1]
     a, b = torch.randn(M, Kd), torch.randn(Kd, N)
     fp32 = 2.0 * M * Kd * N / _best_time(lambda: a @ b, repeats) / 1e9
-    return dict(bf16_gflops=total_flop / total_s / 1e9, fp32_gflops_lm_head=fp32, shapes=per)
+    return dict(gflops=total_flop / total_s / 1e9, dtype=dtype, fp32_gflops_lm_head=fp32, shapes=per)
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -315,7 +317,9 @@ def run_one(spec: dict) -> dict:
     if spec.get("draft_vocab"):
         global DRAFT_VOCAB
         DRAFT_VOCAB = spec["draft_vocab"]
-    draft, batch = build(spec["hidden"], spec["T"])
+    # The target's outputs in bf16 only where the step runs bf16 (a CPU without native bf16 runs all of it fp32).
+    draft, batch = build(spec["hidden"], spec["T"],
+                         target_dtype=torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
     # aerie paths: the trainer's fused AdamW (jobs.train_loop.adamw); before/eager: torch's default (foreach)
     opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4, fused=spec["path"].startswith("aerie"))
     try:  # reset the RSS high-water mark so transient build memory does not hide the step's peak (Linux >= 4.0)
@@ -384,7 +388,7 @@ def goals(rows: list[dict], rates: dict) -> list[dict]:
     for (h, T, K, path), r in sorted(by.items()):
         if path != "aerie":
             continue
-        rate = rates.get(f"{h}/{T}", {}).get("bf16_gflops")
+        rate = rates.get(f"{h}/{T}", {}).get("gflops")
         g = dict(hidden=h, T=T, K=K, tokens_per_s=r["tokens_per_s"])
         if rate:
             floor = rate * 1e9 / flops_per_token(h, T, K)["draft"]
@@ -448,7 +452,9 @@ def main() -> None:
     p.add_argument("--draft-vocab", type=int, help="override every shape's draft vocab")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config (best) after 1 warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo trainer uses 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16 = CPU autocast, fp32 weights")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 = CPU autocast over fp32 weights, bf16 target outputs; auto (the trainer's default): "
+                        "bf16 where this CPU multiplies bf16 natively (AVX512-BF16 / AMX), else fp32")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each TTT step in backward")
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="skip configs estimated above this")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 eager vs aerie/chunked parity check")
@@ -456,6 +462,10 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
     p.add_argument("--rate", help=argparse.SUPPRESS)  # internal: measure the matmul rate of one shape
     args = p.parse_args()
+    if args.dtype == "auto":
+        from eagle3.numerics import native_matmul
+
+        args.dtype = "bf16" if native_matmul(torch.bfloat16, "cpu") else "fp32"
 
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
@@ -464,7 +474,8 @@ def main() -> None:
         spec = json.loads(args.rate)
         if spec.get("draft_vocab"):
             globals()["DRAFT_VOCAB"] = spec["draft_vocab"]
-        print("RESULT " + json.dumps(matmul_rate(spec["hidden"], spec["T"], spec["threads"])), flush=True)
+        print("RESULT " + json.dumps(matmul_rate(spec["hidden"], spec["T"], spec["threads"], spec["dtype"])),
+              flush=True)
         return
     if unknown := set(args.paths) - set(PATHS):
         p.error(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
@@ -484,8 +495,8 @@ def main() -> None:
         if key not in rates:  # the matmul rate at these shapes, measured between the configs that use it
             bar.set_description(f"matmul rate h={spec['hidden']} T={spec['T']}")
             rates[key] = spawn("--rate", spec)
-            tqdm.write(f"bf16 matmul rate at h={spec['hidden']} T={spec['T']} shapes: "
-                       f"{rates[key].get('bf16_gflops', float('nan')):.0f} GFLOP/s")
+            tqdm.write(f"{spec['dtype']} matmul rate at h={spec['hidden']} T={spec['T']} shapes: "
+                       f"{rates[key].get('gflops', float('nan')):.0f} GFLOP/s")
         name = f"h={spec['hidden']} T={spec['T']} K={spec['K']} {spec['path']}"
         bar.set_description(name)
         est = estimate_peak_gib(spec["hidden"], spec["T"], spec["K"], spec["path"])

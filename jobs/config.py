@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,10 @@ class OptimConfig:
     """Rows per worker batch (each row is one sample, or max_length tokens of packed samples)."""
     seed: NonNegInt = 0
     """Seed of the draft init and the data order."""
-    bf16: bool = True
-    """bf16 autocast for the draft forward where the device supports it (master weights stay fp32)."""
+    bf16: Literal["auto"] | bool = "auto"
+    """bf16 autocast for the draft forward (master weights stay fp32). 'auto': where the trainer's device multiplies
+    bf16 natively (CUDA >= sm80; CPUs with AVX512-BF16 or AMX), else fp32 (an AVX2-only CPU emulates bf16 ~180x
+    slower than fp32); true: always (on CUDA where supported); false: never."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +256,7 @@ def smollm2_sharegpt_cpu_official() -> dict:
     (bf16) runs ~900 tokens/s on the other core."""
     return {
         "name": "smollm2-sharegpt-cpu-official",
-        "target": {"model": SMOLLM2, "dtype": "bfloat16", "num_threads": 1},
+        "target": {"model": SMOLLM2, "dtype": "auto", "num_threads": 1},
         "data": {"path": str(packaged_sharegpt_path()), "max_length": 512, "max_samples": 320,
                  "on_bad_record": "skip", "pack": True},
         "draft": {"vocab_size": 8192},
@@ -410,8 +413,17 @@ def _validate(values: dict) -> JobConfig:
         errors = err.errors()
     # A tuple with a bad item also reports itself as too short (the bad item is dropped): keep only the item's error.
     with_bad_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
-    lines = [_describe(e) for e in errors
-             if not (e["type"] in ("too_short", "too_long") and e["loc"] in with_bad_items)]
+    lines, unions = [], {}
+    for e in errors:
+        if e["type"] in ("too_short", "too_long") and e["loc"] in with_bad_items:
+            continue
+        if _is_union_member(e["loc"]):  # one error per member of e.g. Literal["auto"] | bool: merged below
+            unions.setdefault(e["loc"][:-1], []).append(e)
+            continue
+        lines.append(_describe(e))
+    for loc, errs in unions.items():
+        shoulds = [_describe({**e, "loc": loc}).split(": ", 1)[1].removeprefix("should be ") for e in errs]
+        lines.append(f"{_dotted(loc)}={errs[0]['input']!r}: should be {' or '.join(dict.fromkeys(shoulds))}")
     raise ConfigError("invalid config:" + ("\n  " if len(lines) > 1 else " ") + "\n  ".join(lines))
 
 
@@ -424,6 +436,13 @@ def _annotation(loc: tuple) -> Any:
             return None
         t = hints[part]
     return t
+
+
+def _is_union_member(loc: tuple) -> bool:
+    """pydantic reports a union field's error once per member, at loc + (member tag,)."""
+    if len(loc) < 2 or isinstance(loc[-1], int):
+        return False
+    return typing.get_origin(_annotation(loc[:-1])) in (typing.Union, types.UnionType) and _annotation(loc) is None
 
 
 def _dotted(loc: tuple) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -19,6 +19,19 @@ START_TIMEOUT_S = 900  # converting a large checkpoint on first use can take min
 # no current node can hold is not an error, so placement waits (up to START_TIMEOUT_S) instead of failing at once.
 WAIT_ENV = "AERIE_WAIT_FOR_NODES"
 _EPS = 1e-6  # Ray keeps resources to 1e-4; compare with slack
+
+
+
+def check_agree(infos: list[TargetInfo], cfg: TargetConfig) -> None:
+    """Every target actor must serve the same model in the same dtype; raises RuntimeError naming the difference."""
+    if all(i == infos[0] for i in infos[1:]):
+        return
+    dtypes = sorted({i.dtype for i in infos})
+    if len(dtypes) > 1 and all(replace(i, dtype=infos[0].dtype) == infos[0] for i in infos[1:]):
+        raise RuntimeError(f"target.dtype={cfg.dtype!r} resolved to {' and '.join(dtypes)} on different target "
+                           "nodes (not every node multiplies bf16 natively); set target.dtype to one of them so that "
+                           "every actor computes the same features")
+    raise RuntimeError(f"target actors disagree about the model: {infos}")
 
 
 def target_bundles(cfg: TargetConfig) -> list[dict[str, float]]:
@@ -129,8 +142,7 @@ def start_target_actors(cfg: TargetConfig) -> TargetGroup:
     ]
     try:
         infos = ray.get([a.info.remote() for a in actors], timeout=START_TIMEOUT_S)
-        if any(i != infos[0] for i in infos[1:]):
-            raise RuntimeError(f"target actors disagree about the model: {infos}")
+        check_agree(infos, cfg)
     except BaseException as err:
         TargetGroup(actors, None, pg).shutdown()
         if isinstance(err, ray.exceptions.RayActorError):

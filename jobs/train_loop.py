@@ -28,6 +28,7 @@ from eagle3.feedback import (Branches, DraftSamples, branch_feed, branch_targets
                              survival_weights)
 from eagle3.loss import simulated_accept_length, step_weights
 from eagle3.model import DraftConfig, Eagle3Draft
+from eagle3 import numerics
 from eagle3.token_store import ShardView
 from eagle3.target_head import TargetHead
 from eagle3.ttt import (StepLabels, TokenFeed, TTTConfig, TTTOutput, data_feed, data_label_mask, data_targets,
@@ -104,6 +105,13 @@ class StepResult:
     survival_k: list[float] | None = None  # 'draft' mode: mean greedy survival of the fed chain at each step
 
 
+def autocast_bf16(setting: bool | str, device: torch.device) -> bool:
+    """optim.bf16 on `device`: 'auto' = where bf16 matmuls are native; true = on CPU, and on CUDA that supports it."""
+    if setting == "auto":
+        return numerics.native_matmul(torch.bfloat16, device)
+    return bool(setting) and (device.type == "cpu" or device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 class Learner:
     """Draft + frozen TargetHead + AdamW/warmup-cosine; `step(target_batch)` does one optimizer step."""
 
@@ -116,12 +124,15 @@ class Learner:
         self.draft = Eagle3Draft(draft_cfg, embed_weight=weights.embed_tokens)
         self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
         self.draft.to(device)
-        self.head = TargetHead(weights.lm_head.to(device), vocab.t2d.to(device))
+        # Except where this device has no native matmul in that dtype (a bf16 target's lm_head on an AVX2 trainer):
+        # then fp32, which is also more precise.
+        head_dtype = numerics.compute_dtype(weights.lm_head.dtype, device)
+        self.head = TargetHead(weights.lm_head.to(device, head_dtype), vocab.t2d.to(device))
         self.module: nn.Module = TTTModule(self.draft, cfg.ttt)
         o = cfg.optim
         self.optimizer = adamw(self.draft.trainable_parameters(), o, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, total_steps))
-        self.autocast = o.bf16 and (device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu")
+        self.autocast = autocast_bf16(o.bf16, device)
 
     def global_denominators(self, batch: Batch, weight: float) -> Tensor | None:
         """Labelled positions per TTT step summed over data-parallel workers, ÷ world size (None on one worker):

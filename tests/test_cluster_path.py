@@ -73,11 +73,17 @@ def test_gpu_trainers_on_a_cluster_without_gpus_fail_at_once(ray_local, tmp_path
     assert time.time() - t0 < 60
 
 
-def test_frozen_weights_travel_in_the_target_dtype_and_train_the_same():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_frozen_weights_travel_in_the_target_dtype_and_train_the_same(native_bf16, monkeypatch):
     """bf16 target: the embeddings/lm_head leave the actor in bf16 (half the bytes of fp32, one tensor when tied),
     and the Learner built from them holds the same numbers as one built from fp32 copies; the teacher's head stays
-    in bf16 (its matmuls run in the target's dtype)."""
+    in bf16 (its matmuls run in the target's dtype) where the trainer multiplies bf16 natively, else it is fp32
+    (an AVX2 CPU emulates bf16 matmuls ~180x slower than fp32)."""
     import torch
+
+    from eagle3 import numerics
+
+    monkeypatch.setattr(numerics, "native_matmul", lambda dtype, device: native_bf16 or dtype == torch.float32)
 
     from actors.hf_backend import HFTarget, TargetConfig
     from actors.models import TINY
@@ -98,4 +104,5 @@ def test_frozen_weights_travel_in_the_target_dtype_and_train_the_same():
     b = Learner(cfg, dc, FrozenWeights(w.embed_tokens.float(), w.lm_head.float()), vocab, 10, torch.device("cpu"))
     assert a.draft.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(a.draft.embed_tokens.weight.float(), b.draft.embed_tokens.weight)
-    assert torch.equal(a.head.weight.float(), b.head.weight) and a.head.weight.dtype == torch.bfloat16
+    assert torch.equal(a.head.weight.float(), b.head.weight)
+    assert a.head.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)

@@ -76,7 +76,7 @@ def test_inf():
 def test_bool_is_true_or_false(raw):
     """Only true/false: not 1, and not YAML 1.1's yes/on (strings in YAML 1.2)."""
     shown = repr(float(raw) if raw == "1.7" else int(raw) if raw == "1" else raw)
-    assert f"optim.bf16={shown}: should be true or false" in error(f"optim.bf16={raw}")
+    assert f"optim.bf16={shown}: should be 'auto' or true or false" in error(f"optim.bf16={raw}")
 
 
 def test_grad_clip_negative():
@@ -106,7 +106,7 @@ def test_name_that_yaml_reads_as_a_number():
 
 
 def test_target_choices():
-    assert "target.dtype='fp8': should be 'float32', 'bfloat16' or 'float16'" in error("target.dtype=fp8")
+    assert "target.dtype='fp8': should be 'auto', 'float32', 'bfloat16' or 'float16'" in error("target.dtype=fp8")
     assert "target.device='tpu': should be 'auto', 'cpu' or 'cuda'" in error("target.device=tpu")
     assert "target.backend='sglang': should be 'hf' or 'vllm'" in error("target.backend=sglang")
 
@@ -217,7 +217,7 @@ def test_yaml_file_malformed(tmp_path):
 def test_yaml_file_bad_value_names_the_field(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  bf16: no\n")  # YAML 1.1 read false; 1.2 reads the string 'no'
-    assert "optim.bf16='no': should be true or false" in error(file=path)
+    assert "optim.bf16='no': should be 'auto' or true or false" in error(file=path)
 
 
 # ------------------------------------------------------------------ positive: presets, round trip, frozen
