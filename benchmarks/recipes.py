@@ -11,6 +11,8 @@ An arm is a base recipe, optionally with `-kN` (TTT length N, default 7) and the
   target         `target` token feedback on ShareGPT (a quarter of the scored positions, relabelled by the target)
   regen-target   `target` token feedback on regenerated responses
   draft          `draft` token feedback with survival weights on ShareGPT; `regen-draft` on regenerated data
+  regen-headinit `regen` with the draft lm_head initialized from the target's (`draft.init_lm_head=target`);
+                 `headinit` the same on ShareGPT
 
 Each arm trains the `smollm2-sharegpt-cpu-official` preset once through the real Ray job, `--steps` optimizer steps at a
 constant learning rate after warm-up (so a snapshot mid-run is what a run stopped there would give), exporting a
@@ -42,6 +44,8 @@ BASES = {
     "regen-target": ("regen", ["ttt.token_feedback=target", "ttt.branch_fraction=0.25"]),
     "draft": ("sharegpt", ["ttt.token_feedback=draft", "ttt.branch_fraction=0.25", "ttt.survival_weights=true"]),
     "regen-draft": ("regen", ["ttt.token_feedback=draft", "ttt.branch_fraction=0.25", "ttt.survival_weights=true"]),
+    "regen-headinit": ("regen", ["draft.init_lm_head=target"]),
+    "headinit": ("sharegpt", ["draft.init_lm_head=target"]),
 }
 CHAIN_K = 5
 

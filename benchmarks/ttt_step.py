@@ -59,7 +59,7 @@ from eagle3.target_head import TargetHead
 from eagle3.ttt import TTTConfig, TTTOutput, data_feed, data_targets, ttt_unroll
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ttt_step.json"
-PATHS = ("aerie", "aerie-flash", "before", "eager")
+PATHS = ("aerie", "aerie-flash", "aerie-unfused", "before", "eager")
 
 # Target shapes: SmolLM2-135M (the demo's), a Llama-3.2-1B-like and a Llama-3.1-8B-like model (plain RoPE; llama3
 # scaling does not change compute), each with the draft vocab its preset uses.
@@ -124,6 +124,7 @@ def path_settings(path: str) -> dict:
     return {
         "aerie": dict(kernel="auto", fused=True, teacher="target"),
         "aerie-flash": dict(kernel="flash_cpu", fused=True, teacher="target"),
+        "aerie-unfused": dict(kernel="auto", fused=False, teacher="target"),  # ablation: materialised logits
         "before": dict(kernel="flash_cpu", fused=False, teacher="fp32"),
         "eager": dict(kernel="eager", fused=False, teacher="target"),
     }[path]

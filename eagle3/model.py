@@ -265,6 +265,16 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
+    @torch.no_grad()
+    def init_lm_head_from(self, target_lm_head: Tensor) -> None:
+        """Copy the target's lm_head rows [V, h] of the draft vocabulary (draft id i ↔ target id i + d2t[i]) into
+        the draft's lm_head, in the draft's dtype. Call after `set_vocab_map`."""
+        if tuple(target_lm_head.shape) != (self.config.vocab_size, self.config.hidden_size):
+            raise ValueError(f"target lm_head has shape {tuple(target_lm_head.shape)}, draft expects "
+                             f"({self.config.vocab_size}, {self.config.hidden_size})")
+        ids = self.draft_to_target(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+        self.lm_head.weight.copy_(target_lm_head[ids.to(target_lm_head.device)].to(self.lm_head.weight))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -58,6 +58,10 @@ class DraftSettings:
 
     vocab_size: PosInt = 32000
     """Draft vocabulary size (most frequent assistant tokens of the training data)."""
+    init_lm_head: Literal["random", "target"] = "random"
+    """Initial draft lm_head: 'random' (the official EAGLE-3 code) or 'target' (the target's lm_head rows of the
+    draft vocabulary, as vLLM's speculators does): the head then starts out mapping hidden states to tokens the
+    way the target does, and only the rest of the draft has to learn from scratch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,8 +256,9 @@ def tiny() -> dict:
 def smollm2_sharegpt_cpu_official() -> dict:
     """The official EAGLE-3 recipe on the CPU demo's target: `data` mode on ShareGPT's own responses, K=7, 320
     conversations (the demo before issue 14; the base of benchmarks/recipes.py's arms). 1 target actor + 1 trainer
-    on 2 cores: the trainer (~600 tokens/s alone at K=7 on one core, BENCHMARKS.md) is the bottleneck; the target
-    (bf16) runs ~900 tokens/s on the other core."""
+    on 2 cores: the trainer (~550 tokens/s alone at K=7 on one core with native bf16, ~130 in fp32 on an AVX2-only
+    CPU; BENCHMARKS.md) is the bottleneck; the target (dtype auto: bf16 where the CPU multiplies it natively, else
+    fp32) runs on the other core."""
     return {
         "name": "smollm2-sharegpt-cpu-official",
         "target": {"model": SMOLLM2, "dtype": "auto", "num_threads": 1},

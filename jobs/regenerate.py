@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         tracker = open_run(cfg.tracking_uri(), cfg.tracking.experiment, f"{cfg.name}-regenerate", fresh=True,
                            run_id=stamp.get("mlflow_run_id") if stamp else None, unreachable_fix=URI_FIX)
+        # The dtype the written parts were generated in (target.dtype=auto resolves per machine): kept across resumes.
+        written_dtype = (stamp or {}).get("target_resolved_dtype") if done else None
         stamp = {**new_stamp(cfg, settings, chunks, stats), "created": (stamp or {}).get("created", time.time()),
                  "mlflow_uri": cfg.tracking_uri(), "mlflow_run_id": tracker.run_id}
+        if written_dtype:
+            stamp["target_resolved_dtype"] = written_dtype
         write_atomic(out / STAMP, json.dumps(stamp, indent=2).encode())
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())) or "none"
         print(f"[aerie regenerate] {stamp['conversations']} conversations of {stats.records_seen} records (bad "
@@ -119,6 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
                     if len(done) < len(chunks):
                         group = start_target_actors(cfg.target)
                         try:
+                            if written_dtype and group.info.dtype != written_dtype:
+                                raise ValueError(
+                                    f"{out}: its {len(done)} written part(s) were generated in {written_dtype}, but "
+                                    f"target.dtype={cfg.target.dtype!r} resolves to {group.info.dtype} here; set "
+                                    f"--set target.dtype={written_dtype} to resume them, or --fresh to start over")
+                            stamp["target_resolved_dtype"] = group.info.dtype
+                            write_atomic(out / STAMP, json.dumps(stamp, indent=2).encode())
                             run = write_parts(cfg, group.actors, chunks, done, out, tracker, args.fail_after_parts)
                         finally:
                             group.shutdown()

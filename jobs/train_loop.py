@@ -123,6 +123,9 @@ class Learner:
         # teacher's matmuls run in it (bf16 targets: AMX / tensor cores), softmax in fp32 (see TargetHead).
         self.draft = Eagle3Draft(draft_cfg, embed_weight=weights.embed_tokens)
         self.draft.set_vocab_map(vocab.d2t, vocab.t2d)
+        if cfg.draft.init_lm_head == "target":
+            # After the random init, so every other weight (and the RNG stream) is the same as with 'random'.
+            self.draft.init_lm_head_from(weights.lm_head)
         self.draft.to(device)
         # Except where this device has no native matmul in that dtype (a bf16 target's lm_head on an AVX2 trainer):
         # then fp32, which is also more precise.

@@ -68,3 +68,32 @@ if __name__ == "__main__":
         ray.init(address="local", include_dashboard=False)
         GOLDEN.write_text(json.dumps(golden_curve(), indent=1) + "\n")
         print(f"wrote {GOLDEN}")
+
+
+def test_init_lm_head_from_target_gives_the_targets_logits(ray_local):
+    """draft.init_lm_head=target: the draft head's logits are the target's own lm_head logits at the draft vocabulary's
+    target ids (read off t2d, ascending), computed by the HF model's output layer; every other weight is the
+    'random' init's."""
+    from actors.hf_backend import HFTarget
+    from jobs.config import load_config
+    from jobs.data_prep import prepare_data
+    from jobs.train_loop import Learner, draft_config_for
+
+    learners = {}
+    for init in ("random", "target"):
+        cfg = load_config("tiny", overrides=[f"draft.init_lm_head={init}"])
+        data = prepare_data(cfg)
+        target = HFTarget(cfg.target)
+        learners[init] = Learner(cfg, draft_config_for(target.info(), cfg.draft.vocab_size), target.frozen_weights(),
+                                 data.vocab, 10, torch.device("cpu"))
+    draft = learners["target"].draft
+    x = torch.randn(5, draft.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = data.vocab.t2d.nonzero().squeeze(1)
+    with torch.no_grad():
+        want = target.model.get_output_embeddings()(x.to(target.dtype)).float()[:, ids]
+        got = draft.lm_head(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(learners["random"].draft.lm_head.weight, draft.lm_head.weight)
+    rest = {k: v for k, v in learners["random"].draft.state_dict().items() if not k.startswith("lm_head")}
+    for k, v in rest.items():
+        assert torch.equal(draft.state_dict()[k], v), k

@@ -165,6 +165,14 @@ def test_resumed_job_writes_the_same_bytes(clean, model_dir, source, tmp_path):
     assert first["mlflow_run_id"] != greedy_stamp["mlflow_run_id"]  # a fresh job is a new MLflow run
     client = MlflowClient(first["mlflow_uri"])
     assert client.get_run(first["mlflow_run_id"]).info.status == "FAILED"
+    assert first["target_resolved_dtype"] == "float32"
+    # Parts written in another precision (target.dtype=auto on another machine) are not resumed in this one.
+    (out / STAMP).write_text(json.dumps({**first, "target_resolved_dtype": "bfloat16"}))
+    with pytest.raises(ValueError, match=r"generated in bfloat16, but target.dtype='float32' resolves to float32 "
+                                         r"here; set --set target.dtype=bfloat16 to resume them, or --fresh"):
+        regenerate.main(args)
+    assert list(parts_of(out)) == ["part-00000.jsonl", "part-00001.jsonl"]
+    (out / STAMP).write_text(json.dumps(first))
     (out / ".part-00002.jsonl.tmp-99999").write_text('{"id": "half')  # as a kill mid-write leaves it
     before = (out / "part-00000.jsonl").stat().st_mtime_ns
 
@@ -174,6 +182,7 @@ def test_resumed_job_writes_the_same_bytes(clean, model_dir, source, tmp_path):
     ids = [r["id"] for r in records_of(out)]
     assert len(ids) == len(set(ids)) and not list(out.glob(".part-*"))
     assert stamp["complete"] and stamp["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run, resumed
+    assert stamp["target_resolved_dtype"] == "float32"
     run = client.get_run(stamp["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["chunks_done"] == 4
     assert stamp["output_fingerprint"] == json.loads((sampled_clean / STAMP).read_text())["output_fingerprint"]
