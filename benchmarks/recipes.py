@@ -4,8 +4,9 @@
     python benchmarks/recipes.py --arms regen-k5,regen-k9 --steps 600 --regen-dir ...   # TTT length variants
     python benchmarks/recipes.py --table                                               # table + PNG only
 
-An arm is a base recipe, optionally with `-kN` (TTT length N, default 7) and then `-lrX` (learning rate X instead of
---lr, e.g. `regen-lr3e-3`):
+An arm is a base recipe, optionally with `-kN` (TTT length N, default 7), `-vN` (draft vocab size N instead of the
+preset's 8,192) and `-lrX` (learning rate X instead of --lr), in that order, e.g. `regen-k5`, `regen-v4096`,
+`regen-lr3e-3`:
   official       `data` mode on ShareGPT (the official EAGLE-3 recipe: the dataset's own responses)
   regen          `data` mode on target-regenerated responses (`--regen-dir`: an `aerie regenerate` folder)
   target         `target` token feedback on ShareGPT (a quarter of the scored positions, relabelled by the target)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,22 +53,24 @@ CHAIN_K = 5
 
 
 def parse_arm(arm: str) -> tuple[str, int, list[str]]:
-    """'regen-k5' → ('regen', 5, overrides); 'regen-lr3e-3' → ('regen', 7, [..., optim.lr=0.003])."""
-    lr = []
-    if "-lr" in arm:
-        arm, _, value = arm.partition("-lr")
-        try:
-            lr = [f"optim.lr={float(value)}"]
-        except ValueError:
-            raise SystemExit(f"arm {arm}-lr{value}: the learning rate after -lr must be a number, e.g. -lr3e-3") from None
-    base, k = arm, 7
-    head, _, tail = arm.rpartition("-k")
-    if head and tail.isdigit():
-        base, k = head, int(tail)
+    """'regen-k5' → ('regen', 5, overrides); 'regen-v4096' → draft vocab 4,096; 'regen-lr3e-3' → optim.lr=0.003.
+    Suffixes in the order -kN, -vN, -lrX, each optional."""
+    m = re.fullmatch(r"(?P<base>.+?)(?:-k(?P<k>\d+))?(?:-v(?P<v>\d+))?(?:-lr(?P<lr>.+))?", arm)
+    base = m["base"] if m else arm
     if base not in BASES:
-        raise SystemExit(f"unknown arm {arm!r}: a base of {sorted(BASES)} with an optional -kN and then -lrX suffix")
-    source, sets = BASES[base]
-    return source, k, [*sets, f"ttt.length={k}", *lr]
+        raise SystemExit(f"unknown arm {arm!r}: a base of {sorted(BASES)} with optional -kN (TTT length), -vN (draft "
+                         "vocab size) and -lrX (learning rate) suffixes, in that order, e.g. regen-k5-v4096-lr3e-4")
+    sets = []
+    if m["lr"] is not None:
+        try:
+            sets.append(f"optim.lr={float(m['lr'])}")
+        except ValueError:
+            raise SystemExit(f"arm {arm}: the learning rate after -lr must be a number, e.g. -lr3e-3") from None
+    if m["v"] is not None:
+        sets.append(f"draft.vocab_size={int(m['v'])}")
+    k = int(m["k"]) if m["k"] is not None else 7
+    source, base_sets = BASES[base]
+    return source, k, [*base_sets, f"ttt.length={k}", *sets]
 
 
 def arm_overrides(arm: str, args) -> list[str]:

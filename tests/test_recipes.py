@@ -16,7 +16,11 @@ def test_arm_names():
     assert recipes.parse_arm("regen") == ("regen", 7, ["ttt.length=7"])
     assert recipes.parse_arm("target-k9-lr3e-3") == (
         "sharegpt", 9, ["ttt.token_feedback=target", "ttt.branch_fraction=0.25", "ttt.length=9", "optim.lr=0.003"])
-    for bad in ["nope", "regen-lrfast", "regen-kx"]:
+    assert recipes.parse_arm("regen-v4096") == ("regen", 7, ["ttt.length=7", "draft.vocab_size=4096"])
+    assert recipes.parse_arm("regen-target-k5-v16384-lr3e-4") == (
+        "regen", 5, ["ttt.token_feedback=target", "ttt.branch_fraction=0.25", "ttt.length=5", "optim.lr=0.0003",
+                     "draft.vocab_size=16384"])
+    for bad in ["nope", "regen-lrfast", "regen-kx", "regen-vx", "regen-v4096-k5"]:
         with pytest.raises(SystemExit):
             recipes.parse_arm(bad)
 
