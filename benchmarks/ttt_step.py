@@ -1,8 +1,8 @@
 """Benchmark one EAGLE-3 trainer step on CPU: teacher + TTT unroll forward + backward + AdamW, as `Learner.step`.
 
 Paths compared on the same draft, inputs and unroll (same weights, same seed):
-  aerie      the trainer's default: attention kernel `auto` (CPU: the chunked kernel with bf16 matmuls up to 1,024
-             positions, the fused CPU flash op above; diagonal keys merged in closed form, custom backward),
+  aerie      the trainer's default: attention kernel `auto` (CPU: the chunked kernel with bf16 matmuls, GQA and
+             per-block key ranges; diagonal keys merged in closed form, custom backward),
              fused draft-vocab loss (`TTTConfig.fused_loss`: lm_head + soft-CE + argmax in row chunks, gradients
              in the forward), teacher in the target's dtype (bf16), target features fed without an fp32 copy,
              torch's fused AdamW (jobs.train_loop.adamw).

@@ -12,7 +12,11 @@ Kernels for the causal block:
 - `flex` (CUDA): `flex_attention` compiled to a fused Triton kernel with a document-causal BlockMask (packing
   without a dense mask), returning the log-sum-exp; flex differentiates through its LSE, so the diagonal merge
   runs in plain autograd on top of it;
-- `chunked`: a portable query-chunked PyTorch version (any device, O(chunk·T) transient memory).
+- `chunked`: a portable query-blocked PyTorch kernel (any device; the CPU default), O(chunk·T) transient memory.
+  GQA runs inside (each kv head's query heads share one matmul, so k/v and their gradients stay at Hkv heads); a
+  block plan per unroll gives each query block its key range (packed rows skip the earlier samples' keys) and
+  where the mask must be added; probabilities come from torch.softmax (its exp is ~2x faster than aten::exp_ on
+  CPU and has no slow path for masked entries), the LSE from the row max and the largest probability.
 """
 
 from __future__ import annotations
@@ -26,10 +30,7 @@ from torch import Tensor
 
 from eagle3 import numerics
 
-CHUNK = 128  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores
-# CPU auto choice: up to this T the chunked kernel (bf16 matmuls, causal key range per block) beats the fused
-# CPU flash op, which is slow at these sizes; above it flash wins (benchmarks/ttt_step.py, BENCHMARKS.md).
-CPU_CHUNKED_MAX_T = 1024
+CHUNK = 128  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores per kv head
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TTTKV:
     extra_v: list[Tensor] = field(default_factory=list)
     _mask: Tensor | None = None  # additive [B, 1, T, T] for packed rows, built once per unroll
     _block_mask: object | None = None  # flex BlockMask (document-causal), built once per unroll
+    _plan: list | None = None  # chunked kernel's (s, e, lo, hi) query blocks, built once per unroll
 
     def snapshot(self) -> "TTTKV":
         """A copy that later `push` calls don't change (activation checkpointing recomputes a step later)."""
@@ -64,6 +66,12 @@ class TTTKV:
         if self._mask is None or self._mask.dtype != dtype:
             self._mask = packed_causal_bias(self.doc_ids, dtype)
         return self._mask
+
+    def chunk_plan(self, T: int) -> list[tuple[int, int, int, int]]:
+        """The chunked kernel's query blocks and their key ranges (`_chunk_plan`), built once per unroll."""
+        if self._plan is None:
+            self._plan = _chunk_plan(self.doc_ids, T, CHUNK)
+        return self._plan
 
     def block_mask(self, B: int, T: int, device: torch.device):
         """The flex BlockMask of this unroll: causal, and within one packed sample when doc_ids is set."""
@@ -114,13 +122,9 @@ def _expand_kv(x: Tensor, groups: int) -> Tensor:
 
 
 def auto_kernel(device: torch.device, T: int) -> str:
-    """The causal-block kernel `attention_kernel='auto'` picks: CUDA flex; CPU chunked up to CPU_CHUNKED_MAX_T
-    positions, else flash_cpu; other devices chunked."""
-    if device.type == "cuda":
-        return "flex"
-    if device.type == "cpu":
-        return "chunked" if T <= CPU_CHUNKED_MAX_T else "flash_cpu"
-    return "chunked"
+    """The causal-block kernel `attention_kernel='auto'` picks: CUDA flex; elsewhere chunked (on CPU ~1.7x faster
+    than the fused CPU flash op at T = 2,048 and 4,096, forward + backward: BENCHMARKS.md)."""
+    return "flex" if device.type == "cuda" else "chunked"
 
 
 def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
@@ -137,17 +141,18 @@ def ttt_attention(q: Tensor, k: Tensor, v: Tensor, kv: TTTKV) -> Tensor:
     kernel = kv.kernel
     if kernel == "auto":
         kernel = auto_kernel(q.device, q.shape[2])
-    if extra_k:
-        kd = _expand_kv(torch.stack(extra_k, dim=3), groups)  # [B, H, T, k, hd]
-        vd = _expand_kv(torch.stack(extra_v, dim=3), groups)
+    if extra_k:  # [B, Hkv, T, k, hd]: the merge handles GQA
+        kd, vd = torch.stack(extra_k, dim=3), torch.stack(extra_v, dim=3)
     else:
-        kd = vd = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], 0, q.shape[3])
+        kd = vd = q.new_zeros(k.shape[0], k.shape[1], k.shape[2], 0, k.shape[3])
     if kernel == "flex":  # GQA inside the kernel: step-0 keys stay at Hkv heads
         out_c, lse_c = flex_causal(q, k0.to(q.dtype), v0.to(q.dtype), kv.block_mask(q.shape[0], q.shape[2], q.device))
         return merge_diagonal(q, out_c, lse_c, kd.to(q.dtype), vd.to(q.dtype))
-    k0, v0 = _expand_kv(k0, groups), _expand_kv(v0, groups)
-    mask = kv.causal_mask(q.dtype)
-    return _TTTAttention.apply(q, k0.to(q.dtype), v0.to(q.dtype), kd.to(q.dtype), vd.to(q.dtype), mask, kernel)
+    if kernel == "flash_cpu":
+        k0, v0, mask, plan = _expand_kv(k0, groups), _expand_kv(v0, groups), kv.causal_mask(q.dtype), None
+    else:  # chunked: GQA inside the kernel, fp32 mask, blocks that skip other samples' keys
+        mask, plan = kv.causal_mask(_acc(q)), kv.chunk_plan(q.shape[2])
+    return _TTTAttention.apply(q, k0.to(q.dtype), v0.to(q.dtype), kd.to(q.dtype), vd.to(q.dtype), mask, kernel, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,72 +190,111 @@ def flex_causal(q: Tensor, k: Tensor, v: Tensor, block_mask) -> tuple[Tensor, Te
 
 
 def merge_diagonal(q: Tensor, out_c: Tensor, lse_c: Tensor, kd: Tensor, vd: Tensor) -> Tensor:
-    """Merge the causal block's (out, LSE) with each query's k diagonal keys kd/vd [B,H,T,k,hd] (expanded to H):
+    """Merge the causal block's (out, LSE) with each query's k diagonal keys kd/vd [B,Hkv,T,k,hd]:
     the softmax over [causal keys, diagonal keys] in closed form, in fp32, differentiable in every input."""
-    if kd.shape[3] == 0:
-        return out_c
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    acc = _acc(q)
-    s_d = torch.einsum("bhtd,bhtkd->bhtk", q.to(acc), kd.to(acc)) * scale  # [B, H, T, k]
-    lse = torch.logaddexp(lse_c, torch.logsumexp(s_d, dim=-1))
-    out = (torch.exp(lse_c - lse)[..., None] * out_c.to(acc)
-           + torch.einsum("bhtk,bhtkd->bhtd", torch.exp(s_d - lse[..., None]), vd.to(acc)))
-    return out.to(q.dtype)
+    return _merge_fwd(q, out_c, lse_c, kd, vd)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Causal block kernels: forward returns (out, lse); backward takes the MERGED out/lse.
+# Causal block kernels. flash_cpu: forward returns (out, lse); its backward takes the MERGED out/lse. chunked: the
+# query-blocked kernel below, GQA inside (k/v stay at Hkv heads: each kv head's g query heads share one matmul).
 
 
-def _causal_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kernel: str) -> tuple[Tensor, Tensor]:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if kernel == "flash_cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
-        )
-        return out, lse.to(_acc(q))
-    T, acc = q.shape[2], _acc(q)
-    outs, lses = [], []
-    for s in range(0, T, CHUNK):
-        e = min(s + CHUNK, T)
-        # Matmuls in the inputs' dtype (bf16: AMX / tensor cores), softmax statistics in fp32.
-        # Causal: queries s..e-1 see keys 0..e-1 only, so later keys are never touched.
-        scores = (q[:, :, s:e] @ k[:, :, :e].transpose(-1, -2)).to(acc) * scale  # [B, H, c, e]
-        scores = scores + _block_mask(mask, s, e, q.device).to(acc)
-        # Softmax by hand, not logsumexp + exp: its exps are floored (masked -inf entries hit CPU exp's slow path).
-        m = scores.amax(-1, keepdim=True)  # [B, H, c, 1]; finite: every query sees at least itself
-        p = numerics.exp_floored_(scores.sub_(m))
-        total = p.sum(-1, keepdim=True)
-        outs.append((p.div_(total).to(q.dtype) @ v[:, :, :e]).to(q.dtype))
-        lses.append((m + total.log()).squeeze(-1))
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+def _chunk_plan(doc_ids: Tensor | None, T: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """(s, e, lo, hi) per block of queries s..e-1: no query of the block (in any row) sees a key before lo, and
+    every query of every row sees keys hi..s-1. So the block multiplies keys lo..e-1 only (packed rows skip the
+    earlier samples' keys) and adds the mask only over keys lo..hi-1 and the diagonal block s..e-1.
+
+    Unpacked: lo = hi = 0. Packed (doc_ids [B, T], -1 = padding; a query sees the earlier keys of its own id, as in
+    `packed_causal_bias`): lo = the first occurrence of the block's earliest id; hi = the start of the run of equal
+    ids that holds the block when every row's block lies in one run, else s. One host copy of doc_ids per unroll."""
+    if doc_ids is None:
+        return [(s, min(s + chunk, T), 0, 0) for s in range(0, T, chunk)]
+    doc = doc_ids.detach().to("cpu", torch.long)
+    ar = torch.arange(T)
+    first = torch.empty_like(doc)  # first[b, i] = min j with doc[b, j] == doc[b, i]
+    run = torch.empty_like(doc)  # run[b, i] = start of the run of equal ids that holds i
+    for b in range(doc.shape[0]):
+        vals, inv = torch.unique(doc[b], return_inverse=True)
+        first[b] = torch.full((len(vals),), T).scatter_reduce_(0, inv, ar, "amin")[inv]
+        starts = torch.ones(T, dtype=torch.bool)
+        starts[1:] = doc[b, 1:] != doc[b, :-1]
+        run[b] = torch.cummax(torch.where(starts, ar, 0), 0).values
+    plan = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        lo = int(first[:, s:e].min())
+        one_run = bool((run[:, e - 1] == run[:, s]).all())
+        plan.append((s, e, lo, max(int(run[:, s].max()), lo) if one_run else s))
+    return plan
 
 
-def _causal_bwd(
-    g: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, kernel: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if kernel == "flash_cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale
-        )
-    T, acc = q.shape[2], _acc(q)
-    dq = torch.empty_like(q, dtype=acc)
-    dk = torch.zeros_like(k, dtype=acc)
-    dv = torch.zeros_like(v, dtype=acc)
-    dt = q.dtype
-    delta = (g.to(acc) * out.to(acc)).sum(-1)  # [B, H, T]: rowsum(dO ∘ O) of the merged softmax
-    for s in range(0, T, CHUNK):
-        e = min(s + CHUNK, T)
-        qc, gc = q[:, :, s:e], g[:, :, s:e].to(dt)
-        kc, vc = k[:, :, :e], v[:, :, :e]  # causal: keys 0..e-1
-        scores = (qc @ kc.transpose(-1, -2)).to(acc) * scale + _block_mask(mask, s, e, q.device).to(acc)
-        p = numerics.exp_floored_(scores.sub_(lse[:, :, s:e, None]))  # [B, H, c, e] fp32
-        dv[:, :, :e] += (p.to(dt).transpose(-1, -2) @ gc).to(acc)
-        ds = (p * ((gc @ vc.transpose(-1, -2)).to(acc) - delta[:, :, s:e, None])).to(dt)
-        dq[:, :, s:e] = (ds @ kc).to(acc) * scale
-        dk[:, :, :e] += (ds.transpose(-1, -2) @ qc).to(acc) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def _block_scores(qc: Tensor, k: Tensor, mask: Tensor | None, s: int, e: int, lo: int, hi: int, g: int) -> Tensor:
+    """fp32 scaled, masked scores [B, Hkv, g, c, e-lo] of queries qc [B, Hkv, g*c, hd] (= s..e-1) over keys lo..e-1.
+
+    The matmul runs in the inputs' dtype (bf16: AMX / tensor cores); the mask (fp32, see `_TTTAttention`) is added
+    only where a key may be hidden: keys lo..hi-1 and the diagonal block."""
+    B, Hkv, _, hd = qc.shape
+    c = e - s
+    raw = qc @ k[:, :, lo:e].transpose(-1, -2)
+    scores = raw.to(_acc(qc)).mul_(1.0 / math.sqrt(hd)).view(B, Hkv, g, c, e - lo)
+    if mask is None:  # unpacked: causal inside the diagonal block only
+        tri = torch.full((c, c), float("-inf"), device=qc.device, dtype=scores.dtype).triu_(1)
+        scores[..., s - lo:].add_(tri)
+        return scores
+    m = mask[:, :, None, s:e]  # [B, 1, 1, c, T]
+    if hi > lo:
+        scores[..., : hi - lo].add_(m[..., lo:hi])
+    scores[..., s - lo:].add_(m[..., s:e])
+    return scores
+
+
+def _chunked_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, plan) -> tuple[Tensor, Tensor]:
+    """(out [B,H,T,hd] in q's dtype, natural-log LSE [B,H,T] fp32) of the causal block; k, v [B,Hkv,T,hd]."""
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    g, dt = H // Hkv, q.dtype
+    q5 = q.reshape(B, Hkv, g, T, hd)
+    out = q.new_empty(B, Hkv, g, T, hd)
+    lse = torch.empty(B, Hkv, g, T, dtype=_acc(q), device=q.device)
+    for s, e, lo, hi in plan:
+        c = e - s
+        qc = q5[:, :, :, s:e].reshape(B, Hkv, g * c, hd)
+        scores = _block_scores(qc, k, mask, s, e, lo, hi, g)
+        # torch.softmax, not exp by hand: its fused exp is ~2x faster than aten::exp_ on CPU and has no slow path
+        # for the masked entries. LSE = max + log(sum) and sum = 1 / (the largest probability).
+        p = torch.softmax(scores, -1)
+        lse[..., s:e] = (scores.amax(-1) - p.amax(-1).log())
+        out[:, :, :, s:e] = (p.to(dt).view(B, Hkv, g * c, e - lo) @ v[:, :, lo:e]).view(B, Hkv, g, c, hd)
+    return out.view(B, H, T, hd), lse.view(B, H, T)
+
+
+def _chunked_bwd(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_c: Tensor,
+                 mask: Tensor | None, plan) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the causal block's inputs, given the MERGED out/lse (causal + diagonal keys) and the causal
+    block's own lse_c: the merged probabilities of the causal keys are softmax_causal · exp(lse_c - lse)."""
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    g, dt, acc = H // Hkv, q.dtype, _acc(q)
+    scale = 1.0 / math.sqrt(hd)
+    q5, g5 = q.reshape(B, Hkv, g, T, hd), grad.to(dt).reshape(B, Hkv, g, T, hd)
+    delta = (grad.to(acc) * out.to(acc)).sum(-1).view(B, Hkv, g, T, 1)  # rowsum(dO ∘ O) of the merged softmax
+    w = torch.exp(lse_c - lse).view(B, Hkv, g, T, 1)
+    dq = torch.empty(B, Hkv, g, T, hd, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for s, e, lo, hi in plan:
+        c, n = e - s, e - lo
+        qc = q5[:, :, :, s:e].reshape(B, Hkv, g * c, hd)
+        gc = g5[:, :, :, s:e].reshape(B, Hkv, g * c, hd)
+        kc, vc = k[:, :, lo:e], v[:, :, lo:e]
+        p = torch.softmax(_block_scores(qc, k, mask, s, e, lo, hi, g), -1).mul_(w[:, :, :, s:e])
+        dv[:, :, lo:e] += (p.to(dt).view(B, Hkv, g * c, n).transpose(-1, -2) @ gc).to(acc)
+        dp = (gc @ vc.transpose(-1, -2)).view(B, Hkv, g, c, n)
+        ds = p.mul_(dp.to(acc).sub_(delta[:, :, :, s:e])).to(dt).view(B, Hkv, g * c, n)
+        dq[:, :, :, s:e] = (ds @ kc).to(acc).mul_(scale).view(B, Hkv, g, c, hd)
+        dk[:, :, lo:e] += (ds.transpose(-1, -2) @ qc).to(acc).mul_(scale)
+    return dq.view(B, H, T, hd).to(dt), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -258,47 +302,61 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _block_mask(mask: Tensor | None, s: int, e: int, device: torch.device) -> Tensor:
-    """Additive mask of queries s..e-1 over keys 0..e-1 (the packed mask's block, else causal)."""
-    if mask is not None:
-        return mask[:, :, s:e, :e].float()
-    rows = torch.arange(s, e, device=device)[:, None]
-    cols = torch.arange(e, device=device)[None, :]
-    return torch.zeros(e - s, e, device=device).masked_fill_(cols > rows, float("-inf"))
+def _merge_fwd(q: Tensor, out_c: Tensor, lse_c: Tensor, kd: Tensor, vd: Tensor) -> tuple[Tensor, Tensor]:
+    """Merged (out [B,H,T,hd] in q's dtype, lse [B,H,T]) of the causal block and each query's diagonal keys kd/vd
+    [B,Hkv,T,k,hd] (GQA: kv head n serves query heads n*g..n*g+g-1), in fp32, differentiable in every input."""
+    if kd.shape[3] == 0:
+        return out_c, lse_c
+    B, H, T, hd = q.shape
+    Hkv, acc = kd.shape[1], _acc(q)
+    g = H // Hkv
+    s_d = torch.einsum("bngtd,bntkd->bngtk", q.reshape(B, Hkv, g, T, hd).to(acc), kd.to(acc)) / math.sqrt(hd)
+    lse_c = lse_c.reshape(B, Hkv, g, T)
+    lse = torch.logaddexp(lse_c, torch.logsumexp(s_d, dim=-1))
+    p_d = torch.exp(s_d - lse[..., None])
+    out = (torch.exp(lse_c - lse)[..., None] * out_c.reshape(B, Hkv, g, T, hd).to(acc)
+           + torch.einsum("bngtk,bntkd->bngtd", p_d, vd.to(acc)))
+    return out.reshape(B, H, T, hd).to(q.dtype), lse.reshape(B, H, T)
 
 
 class _TTTAttention(torch.autograd.Function):
+    """Causal block + diagonal keys with a custom backward. flash_cpu takes k0/v0 expanded to H heads and the packed
+    mask in q's dtype; chunked takes k0/v0 at Hkv heads, the mask in fp32 (added to fp32 scores) and its block plan."""
+
     @staticmethod
-    def forward(ctx, q, k0, v0, kd, vd, mask, kernel):  # noqa: D401 - autograd signature
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out_c, lse_c = _causal_fwd(q, k0, v0, mask, kernel)  # [B,H,T,hd], [B,H,T]
-        if kd.shape[3] == 0:
-            out, lse = out_c, lse_c
+    def forward(ctx, q, k0, v0, kd, vd, mask, kernel, plan):  # noqa: D401 - autograd signature
+        if kernel == "flash_cpu":
+            out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k0, v0, 0.0, mask is None, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+            lse_c = lse_c.to(_acc(q))
         else:
-            acc = _acc(q)
-            s_d = torch.einsum("bhtd,bhtkd->bhtk", q.to(acc), kd.to(acc)) * scale  # [B, H, T, k]
-            lse = torch.logaddexp(lse_c, torch.logsumexp(s_d, dim=-1))
-            p_d = torch.exp(s_d - lse[..., None])
-            out = torch.exp(lse_c - lse)[..., None] * out_c.to(acc) + torch.einsum("bhtk,bhtkd->bhtd", p_d, vd.to(acc))
-            out = out.to(q.dtype)
-        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse, mask)
-        ctx.kernel = kernel
+            out_c, lse_c = _chunked_fwd(q, k0, v0, mask, plan)
+        out, lse = _merge_fwd(q, out_c, lse_c, kd, vd)
+        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse, lse_c, mask)
+        ctx.kernel, ctx.plan = kernel, plan
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k0, v0, kd, vd, out, lse, mask = ctx.saved_tensors
+        q, k0, v0, kd, vd, out, lse, lse_c, mask = ctx.saved_tensors
         g = g.contiguous()
-        dq, dk0, dv0 = _causal_bwd(g, q, k0, v0, out, lse, mask, ctx.kernel)
+        if ctx.kernel == "flash_cpu":
+            dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g, q, k0, v0, out, lse, 0.0, mask is None, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+        else:
+            dq, dk0, dv0 = _chunked_bwd(g, q, k0, v0, out, lse, lse_c, mask, ctx.plan)
         if kd.shape[3] == 0:
-            return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None, None
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        acc = _acc(q)
-        qf, gf, kdf, vdf = q.to(acc), g.to(acc), kd.to(acc), vd.to(acc)
-        p_d = torch.exp(torch.einsum("bhtd,bhtkd->bhtk", qf, kdf) * scale - lse[..., None])  # [B, H, T, k]
-        delta = (gf * out.to(acc)).sum(-1, keepdim=True)  # [B, H, T, 1]
-        dvd = p_d[..., None] * gf[:, :, :, None, :]
-        ds = p_d * (torch.einsum("bhtd,bhtkd->bhtk", gf, vdf) - delta)
-        dq = dq.to(acc) + torch.einsum("bhtk,bhtkd->bhtd", ds, kdf) * scale
-        dkd = ds[..., None] * qf[:, :, :, None, :] * scale
-        return dq.to(q.dtype), dk0, dv0, dkd.to(kd.dtype), dvd.to(vd.dtype), None, None
+            return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None, None, None
+        B, H, T, hd = q.shape
+        Hkv, acc = kd.shape[1], _acc(q)
+        G, scale = H // Hkv, 1.0 / math.sqrt(hd)
+        qf, gf = q.reshape(B, Hkv, G, T, hd).to(acc), g.reshape(B, Hkv, G, T, hd).to(acc)
+        kdf, vdf = kd.to(acc), vd.to(acc)
+        lse5 = lse.reshape(B, Hkv, G, T, 1)
+        p_d = torch.exp(torch.einsum("bngtd,bntkd->bngtk", qf, kdf) * scale - lse5)  # [B, Hkv, G, T, k]
+        delta = (gf * out.reshape(B, Hkv, G, T, hd).to(acc)).sum(-1, keepdim=True)
+        dvd = torch.einsum("bngtk,bngtd->bntkd", p_d, gf)
+        ds = p_d * (torch.einsum("bngtd,bntkd->bngtk", gf, vdf) - delta)
+        dq = dq.to(acc) + torch.einsum("bngtk,bntkd->bngtd", ds, kdf).reshape(B, H, T, hd) * scale
+        dkd = torch.einsum("bngtk,bngtd->bntkd", ds, qf) * scale
+        return dq.to(q.dtype), dk0, dv0, dkd.to(kd.dtype), dvd.to(vd.dtype), None, None, None

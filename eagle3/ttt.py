@@ -40,7 +40,7 @@ class TTTConfig:
     """'valid': divide each step's loss by its labelled positions; 'official': mean over all B·T positions."""
     attention_kernel: Literal["auto", "flash_cpu", "flex", "chunked"] = "auto"
     """Causal-block kernel: fused CPU flash op, compiled flex_attention (CUDA), portable chunked PyTorch, or auto
-    (CUDA: flex; CPU: chunked up to 1,024 positions, flash_cpu above; see eagle3.attention.auto_kernel)."""
+    (CUDA: flex; elsewhere chunked; see eagle3.attention.auto_kernel)."""
     grad_checkpoint: bool = False
     """Recompute each step's activations in backward (less memory, ~30% more compute)."""
     fused_loss: bool = True

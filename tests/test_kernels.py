@@ -88,6 +88,84 @@ def test_flex_merge_gradients_cpu(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+def naive_ttt_steps(steps, doc):
+    """Independent dense reference of TTT attention: step j's query i attends to the step-0 keys its mask allows
+    (causal, same packed sample) and to key i of steps 1..j, one softmax over all of them."""
+    q0, k0, v0 = steps[0]
+    groups = q0.shape[1] // k0.shape[1]
+    rep = lambda x: x.repeat_interleave(groups, 1)  # noqa: E731
+    T = q0.shape[2]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    if doc is not None:
+        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])
+    outs = []
+    for j, (q, _, _) in enumerate(steps):
+        scale = 1 / math.sqrt(q.shape[-1])
+        ks = [rep(steps[i][1]) for i in range(1, j + 1)]
+        vs = [rep(steps[i][2]) for i in range(1, j + 1)]
+        s_c = ((q @ rep(k0).transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+        s_d = [(q * kk).sum(-1, keepdim=True) * scale for kk in ks]
+        p = torch.cat([s_c, *s_d], -1).softmax(-1)
+        out = p[..., :T] @ rep(v0)
+        for i, vv in enumerate(vs):
+            out = out + p[..., T + i : T + i + 1] * vv
+        outs.append(out)
+    return outs
+
+
+def test_chunk_plan_skips_other_samples_keys():
+    """Blocks of 4 queries over a row packing samples [0]*6 + [1]*7 + padding*3: each block's key range starts at
+    its earliest sample, and keys of the block's own run before it need no mask."""
+    doc = torch.tensor([[0] * 6 + [1] * 7 + [-1] * 3])
+    assert attention._chunk_plan(doc, 16, 4) == [(0, 4, 0, 0), (4, 8, 0, 4), (8, 12, 6, 6), (12, 16, 6, 12)]
+    # Two rows: the key range is the union, the unmasked run the intersection.
+    two = torch.cat([doc, torch.tensor([[0] * 9 + [1] * 7])])
+    assert attention._chunk_plan(two, 16, 4) == [(0, 4, 0, 0), (4, 8, 0, 4), (8, 12, 0, 8), (12, 16, 6, 12)]
+    assert attention._chunk_plan(None, 10, 4) == [(0, 4, 0, 0), (4, 8, 0, 0), (8, 10, 0, 0)]
+
+
+LAYOUTS = {
+    "unpacked": None,
+    # row 0: three samples, boundaries inside blocks; row 1: two samples, right-padded
+    "packed": torch.tensor([[0] * 7 + [1] * 13 + [2] * 9 + [3] * 4, [0] * 18 + [1] * 10 + [-1] * 5]),
+    # the same sample id in two separate runs (padding inside the row sees earlier padding)
+    "split": torch.tensor([[0] * 5 + [-1] * 3 + [1] * 17 + [-1] * 8, [0] * 33]),
+}
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 128])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_chunked_kernel_matches_naive_across_blocks(monkeypatch, layout, chunk):
+    """The chunked kernel (GQA inside, per-block key ranges, partial masks), forward and every gradient, against
+    the dense reference in fp64, with many blocks and ragged ones."""
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    doc = LAYOUTS[layout]
+    steps, _ = step_inputs(T=33, H=6, Hkv=2, dtype=torch.float64)
+    leaves = {name: [t.clone().requires_grad_() for s in steps for t in s] for name in ("kernel", "naive")}
+    group = lambda ls: [tuple(ls[i : i + 3]) for i in range(0, len(ls), 3)]  # noqa: E731
+    got = run_steps("chunked", group(leaves["kernel"]), doc)
+    want = naive_ttt_steps(group(leaves["naive"]), doc)
+    weight = lambda o: torch.sin(torch.arange(o.numel(), dtype=o.dtype).view_as(o))  # noqa: E731
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    grads = {n: torch.autograd.grad(sum((o * weight(o)).sum() for o in outs), leaves[n])
+             for n, outs in (("kernel", got), ("naive", want))}
+    for a, b in zip(grads["kernel"], grads["naive"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_chunked_kernel_bf16_close_to_fp64(monkeypatch):
+    """bf16 inputs (matmuls in bf16, softmax statistics in fp32) stay within bf16 rounding of the fp64 reference."""
+    monkeypatch.setattr(attention, "CHUNK", 8)
+    doc = LAYOUTS["packed"]
+    steps, _ = step_inputs(T=33, H=6, Hkv=2, dtype=torch.float64)
+    want = naive_ttt_steps(steps, doc)
+    got = run_steps("chunked", [tuple(t.bfloat16() for t in s) for s in steps], doc)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert rel(g, w) < 2e-2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA: the compiled kernels, forward and backward
 
