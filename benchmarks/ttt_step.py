@@ -144,8 +144,9 @@ def draft_config(hidden: int) -> DraftConfig:
 
 
 def build(hidden: int, T: int, seed: int = 0, device: str = "cpu",
-          target_dtype=torch.bfloat16) -> tuple[Eagle3Draft, dict]:
-    """Random draft, the target's lm_head, and one batch (B=1, one sample per row, every token labelled).
+          target_dtype=torch.bfloat16, docs: int = 1) -> tuple[Eagle3Draft, dict]:
+    """Random draft, the target's lm_head, and one batch (B=1, every token labelled): one sample per row, or
+    `docs` equal samples packed in it (positions restart per sample, attention stays inside each).
 
     The target's outputs (aux features, last hidden, lm_head, embeddings) are in `target_dtype`, as a bf16 target
     ships them; `batch["teacher"]` holds the labels as `path_settings(..)["teacher"] == "target"` computes them."""
@@ -155,14 +156,16 @@ def build(hidden: int, T: int, seed: int = 0, device: str = "cpu",
     embed = torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=target_dtype)
     draft = Eagle3Draft(cfg, embed_weight=embed).to(dev)
     B = 1
+    doc = torch.arange(T) * docs // T  # sample index per position
+    starts = torch.searchsorted(doc, doc)  # first position of each position's sample
     lm_head = (torch.randn(cfg.vocab_size, cfg.hidden_size) / math.sqrt(cfg.hidden_size) * 4).to(target_dtype)
     batch = dict(
         input_ids=torch.randint(0, cfg.vocab_size, (B, T)).to(dev),
         aux_hidden=torch.randn(B, T, 3 * cfg.hidden_size, dtype=target_dtype).to(dev),  # [B, T, 3h]
         last_hidden=torch.randn(B, T, cfg.hidden_size, dtype=target_dtype).to(dev),  # [B, T, h] post final norm
-        position_ids=torch.arange(T).repeat(B, 1).to(dev),  # [B, T]
+        position_ids=(torch.arange(T) - starts).repeat(B, 1).to(dev),  # [B, T]
         loss_mask=torch.ones(B, T, dtype=torch.bool, device=dev),
-        doc_ids=torch.zeros(B, T, dtype=torch.long, device=dev),
+        doc_ids=doc.repeat(B, 1).to(dev),
         lm_head=lm_head.to(dev),
     )
     batch["heads"] = {"target": TargetHead(batch["lm_head"], draft.t2d), "fp32": None}
@@ -319,7 +322,7 @@ def run_one(spec: dict) -> dict:
         global DRAFT_VOCAB
         DRAFT_VOCAB = spec["draft_vocab"]
     # The target's outputs in bf16 only where the step runs bf16 (a CPU without native bf16 runs all of it fp32).
-    draft, batch = build(spec["hidden"], spec["T"],
+    draft, batch = build(spec["hidden"], spec["T"], docs=spec.get("docs", 1),
                          target_dtype=torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32)
     # aerie paths: the trainer's fused AdamW (jobs.train_loop.adamw); before/eager: torch's default (foreach)
     opt = torch.optim.AdamW(draft.trainable_parameters(), lr=1e-4, fused=spec["path"].startswith("aerie"))
@@ -382,7 +385,12 @@ def check_paths_match(hidden: int = 576, T: int = 256, K: int = 7) -> dict:
     return report
 
 
-def goals(rows: list[dict], rates: dict) -> list[dict]:
+def doc_lengths(T: int, docs: int) -> list[int]:
+    """Lengths of the `docs` samples `build` packs into T positions."""
+    return torch.bincount(torch.arange(T) * docs // T).tolist()
+
+
+def goals(rows: list[dict], rates: dict, docs: int = 1) -> list[dict]:
     """Issue 13's goals from this run's rows: % of the FLOP floor, speed-up vs eager, memory vs eager."""
     by = {(r["hidden"], r["T"], r["K"], r["path"]): r for r in rows if "step_s" in r}
     out = []
@@ -392,7 +400,7 @@ def goals(rows: list[dict], rates: dict) -> list[dict]:
         rate = rates.get(f"{h}/{T}", {}).get("gflops")
         g = dict(hidden=h, T=T, K=K, tokens_per_s=r["tokens_per_s"])
         if rate:
-            floor = rate * 1e9 / flops_per_token(h, T, K)["draft"]
+            floor = rate * 1e9 / flops_per_token(h, T, K, doc_lengths(T, docs))["draft"]
             g.update(floor_tokens_per_s=floor, pct_of_floor=100 * r["tokens_per_s"] / floor, matmul_gflops=rate)
         for other in ("eager", "before"):
             o = by.get((h, T, K, other))
@@ -451,6 +459,7 @@ def main() -> None:
     p.add_argument("--K", type=csv(int), default=[7], help="TTT lengths")
     p.add_argument("--paths", "--kernels", type=csv(str), default=list(PATHS), help=",".join(PATHS))
     p.add_argument("--draft-vocab", type=int, help="override every shape's draft vocab")
+    p.add_argument("--docs", type=int, default=1, help="samples packed per row (equal lengths; 1 = unpacked)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config (best) after 1 warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo trainer uses 1)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
@@ -487,7 +496,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     specs = [dict(hidden=h, T=T, K=K, path=path, steps=args.steps, threads=args.threads, dtype=args.dtype,
-                  grad_checkpoint=args.grad_checkpoint, draft_vocab=args.draft_vocab)
+                  grad_checkpoint=args.grad_checkpoint, draft_vocab=args.draft_vocab, docs=args.docs)
              for h in args.hidden for T in args.T for K in args.K for path in args.paths]
     rows, rates = [], {}
     bar = tqdm(specs, unit="config", dynamic_ncols=True)
@@ -504,7 +513,8 @@ def main() -> None:
         row = dict(spec, status=f"skipped (est. {est:.1f} GiB)") if est > args.mem_limit_gib else spawn("--one", spec)
         row.update(est_peak_gib=est, attn_state_mib=attn_state_bytes(spec["hidden"], spec["T"], spec["K"],
                                                                       spec["path"]) / 2**20,
-                   flops_per_token=flops_per_token(spec["hidden"], spec["T"], spec["K"]))
+                   flops_per_token=flops_per_token(spec["hidden"], spec["T"], spec["K"],
+                                                   doc_lengths(spec["T"], args.docs)))
         rows.append(row)
         done = (f"{row['tokens_per_s']:.0f} tok/s, {row['step_s']:.2f} s/step, peak +{row['peak_mib']:.0f} MiB"
                 if "step_s" in row else row["status"])
@@ -522,14 +532,14 @@ def main() -> None:
               f"{check['aerie']['grad_max_rel_diff']:.1e}; aerie-flash: {check['aerie-flash']['loss_rel_diff']:.1e} / "
               f"{check['aerie-flash']['grad_max_rel_diff']:.1e}")
 
-    gs = goals(rows, rates)
+    gs = goals(rows, rates, args.docs)
     meta = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), threads=args.threads, steps=args.steps,
-                dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, batch=1, torch=torch.__version__,
+                dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, batch=1, docs_per_row=args.docs, torch=torch.__version__,
                 cpu=cpu_name(), cpu_count=os.cpu_count(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
                 timing="best of the timed steps after 1 warm-up; CPU s = process CPU time / threads",
                 peak_mib="ru_maxrss growth over the built model+inputs, fresh process")
-    print(f"\nTrainer step (teacher + TTT fwd+bwd + AdamW), batch 1, {args.dtype}, {args.threads} thread(s), best of "
-          f"{args.steps} steps{', grad checkpointing' if args.grad_checkpoint else ''}\n")
+    print(f"\nTrainer step (teacher + TTT fwd+bwd + AdamW), batch 1, {args.docs} sample(s) per row, {args.dtype}, "
+          f"{args.threads} thread(s), best of {args.steps} steps{', grad checkpointing' if args.grad_checkpoint else ''}\n")
     print(markdown_table(rows))
     print("\nGoals (aerie path)\n")
     print(goals_table(gs))
