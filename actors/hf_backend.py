@@ -24,6 +24,7 @@ from annotated_types import Ge, Gt, Le, Len, MinLen
 from torch import Tensor
 from transformers import DynamicCache
 
+from actors.cpu_pin import pin_cores
 from actors.models import resolve_model, weights_fingerprint
 from actors.protocol import GenerationParams, RegenRequest
 from actors.regenerate import (Answered, answer_conversations, cut_at_stop, regenerate_features,
@@ -67,6 +68,10 @@ class TargetConfig:
     """CPUs each target actor reserves."""
     num_threads: Annotated[int, Ge(0)] = 0
     """torch intra-op threads inside each actor; 0 = torch's default."""
+    pin_cpus: bool = False
+    """backend=hf on CPU: pin each actor to num_threads cores of its own (claimed from the lowest core up,
+    coordinated with the trainer's claims; actors.cpu_pin), so target and trainer stop sharing and migrating
+    between cores. Needs num_threads >= 1; ignored on GPU and by backend=vllm (which binds its own threads)."""
     resources: dict[str, Annotated[float, Ge(0)]] | None = None
     """Extra custom Ray resources per actor, e.g. {"target": 1} to land on target nodes of a cluster."""
     max_restarts: Annotated[int, Ge(0)] = 3
@@ -98,6 +103,8 @@ class TargetConfig:
             raise ValueError(f"target.dtype={self.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"target.backend={self.backend!r}: choose hf or vllm")
+        if self.pin_cpus and self.num_threads < 1:
+            raise ValueError("target.pin_cpus needs target.num_threads >= 1: the number of cores each actor claims")
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
             raise ValueError(f"target.vllm_kv_cache_gib={self.vllm_kv_cache_gib}: expected > 0 (or unset)")
         if self.vllm_max_model_len is not None and self.vllm_max_model_len < 1:
@@ -251,6 +258,7 @@ class HFTarget:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._cores = pin_cores(cfg.num_threads, name) if cfg.pin_cpus and device == "cpu" else None
         self.cfg = cfg = resolved_dtype(cfg, device)
         self.dtype = DTYPES[cfg.dtype]
         spread = int(cfg.gpus_per_actor) if device == "cuda" and cfg.gpus_per_actor > 1 else 0
@@ -294,6 +302,10 @@ class HFTarget:
 
     def ping(self) -> str:
         return f"{self.name}@{os.getpid()}"
+
+    def pinned_cores(self) -> list[int] | None:
+        """The cores this actor is pinned to (target.pin_cpus), None when unpinned."""
+        return self._cores
 
     def frozen_weights(self) -> FrozenWeights:
         """Embeddings and lm_head in the target's dtype, on CPU (the driver puts them in the object store once)."""

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--preset", default="smollm2-sharegpt-cpu")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/pipeline-<preset>[-<mode>].json)")
     args = ap.parse_args()
     out_dir = Path(tempfile.mkdtemp(prefix="aerie-bench-"))
     overrides = [f"output_dir={out_dir}", "name=bench", f"optim.max_steps={args.steps}", *args.overrides]
@@ -92,8 +93,11 @@ def main() -> None:
         pin(1)
     learner.step(feats[0], plan=plans[0], relabel=relabels[0])  # warm-up
     t0 = time.perf_counter()
+    alone_steps = []
     for f, pl, rl in zip(feats, plans, relabels):
+        t1 = time.perf_counter()
         learner.step(f, plan=pl, relabel=rl)
+        alone_steps.append(time.perf_counter() - t1)
     trainer_s = time.perf_counter() - t0 + plan_s
     del target, learner, feats
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1))) if hasattr(os, "sched_setaffinity") else None
@@ -105,6 +109,9 @@ def main() -> None:
     # Steady state: from the first step's timestamp to the last (excludes actor start-up and the first request).
     online_tps = (hist[-1].value - hist[0].value) / max((hist[-1].timestamp - hist[0].timestamp) / 1000, 1e-9)
     wait = summary.get("target_wait_frac", float("nan"))
+    learner_online = sorted(m.value for m in tracker.client.get_metric_history(tracker.run_id, "time_learner_s"))
+    online_learner = learner_online[len(learner_online) // 2]  # median Learner.step online vs alone: the step's own
+    # slowdown from sharing the machine, apart from waiting on the target
 
     target_tps = sum(tokens) / target_s
     trainer_tps = sum(tokens) / trainer_s
@@ -119,6 +126,9 @@ def main() -> None:
         "relabel_s_share_of_target": round(relabel_s / target_s, 3),
         "plan_s_share_of_trainer": round(plan_s / trainer_s, 3),
         "relabel_wait_frac": round(summary.get("relabel_wait_frac", 0.0), 3),
+        "pinned_online": dict(target=cfg.target.pin_cpus, trainer=cfg.trainer.pin_cpus),
+        "learner_step_s_median": dict(alone=round(sorted(alone_steps)[len(alone_steps) // 2], 3),
+                                      online=round(online_learner, 3)),
     }
     print("\n| metric | value |\n|---|---|")
     for k, v in result.items():
@@ -126,7 +136,7 @@ def main() -> None:
     res = Path(__file__).parent / "results"
     res.mkdir(exist_ok=True)
     mode = "" if cfg.ttt.token_feedback == "data" else f"-{cfg.ttt.token_feedback}"
-    path = res / f"pipeline-{args.preset}{mode}.json"
+    path = args.out or res / f"pipeline-{args.preset}{mode}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

@@ -110,6 +110,9 @@ class TrainerConfig:
     """CPUs each worker reserves."""
     num_threads: NonNegInt = 0
     """torch intra-op threads per worker; 0 = torch's default."""
+    pin_cpus: bool = False
+    """CPU workers: pin each to num_threads cores of its own (claimed from the highest core down, coordinated with
+    the target actors' claims; actors.cpu_pin). Needs num_threads >= 1; ignored by GPU workers."""
     resources: dict[str, NonNegFloat] | None = None
     """Extra custom Ray resources per worker, e.g. {"trainer": 1} to land on trainer nodes."""
     stream_depth: PosInt = 2
@@ -124,6 +127,10 @@ class TrainerConfig:
     storage: str = ""
     """Where Ray Train keeps checkpoints: "" = <run_dir>/ray on the driver's disk (one machine only); on a cluster a
     folder every node mounts (NFS, EFS, a PVC) or a pyarrow URI (s3://bucket/prefix, gs://bucket/prefix)."""
+
+    def __post_init__(self) -> None:
+        if self.pin_cpus and self.num_threads < 1:
+            raise ValueError("trainer.pin_cpus needs trainer.num_threads >= 1: the number of cores each worker claims")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,13 +269,13 @@ def smollm2_sharegpt_cpu_official() -> dict:
     fp32) runs on the other core."""
     return {
         "name": "smollm2-sharegpt-cpu-official",
-        "target": {"model": SMOLLM2, "dtype": "auto", "num_threads": 1},
+        "target": {"model": SMOLLM2, "dtype": "auto", "num_threads": 1, "pin_cpus": True},
         "data": {"path": str(packaged_sharegpt_path()), "max_length": 512, "max_samples": 320,
                  "on_bad_record": "skip", "pack": True},
         "draft": {"vocab_size": 8192},
         "ttt": {"length": 7},
         "optim": {"lr": 1e-3, "warmup_steps": 10, "rows_per_batch": 2, "epochs": 1},
-        "trainer": {"num_workers": 1, "num_threads": 1, "checkpoint_every": 50},
+        "trainer": {"num_workers": 1, "num_threads": 1, "pin_cpus": True, "checkpoint_every": 50},
         "eval": {"enabled": True, "num_prompts": 8, "num_draft_tokens": 5, "max_new_tokens": 32},
     }
 

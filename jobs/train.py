@@ -408,6 +408,9 @@ def fit(cfg: JobConfig, group, data, tracker):
                             "data.store_bytes_per_token": round(data.store.manifest["bytes_per_token"], 3)}
                            if data.store is not None else {})})
     log_files(tracker, {"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)})
+    if cfg.target.pin_cpus and cfg.target.backend == "hf":
+        pinned = ray.get([a.pinned_cores.remote() for a in targets])
+        tracker.set_tags({"aerie.target_cores": str(pinned)})
 
     t = cfg.trainer
     trainer = InterruptibleTorchTrainer(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from actors.cpu_pin import pin_cores
 from actors.protocol import FrozenWeights, RelabelRequest, RelabelResult, TargetBatch, TargetInfo
 from eagle3.data import Batch
 from eagle3.feedback import (Branches, DraftSamples, branch_feed, branch_targets, sample_draft_path, select_branches,
@@ -269,6 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    cores = pin_cores(cfg.trainer.num_threads, f"trainer-{rank}", from_top=True) \
+        if cfg.trainer.pin_cpus and not cfg.trainer.use_gpu else None
     targets, info = config["targets"], config["info"]
     # A StoreBatches (an index over the token store, read lazily), or a RegenRequest list with data.regenerate.
     batches = ray.get(config["batches"])
@@ -298,6 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, counters = meta["step"], meta["counters"]
     tracker = MlflowTracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     tracker.start_system_metrics("trainer0", cfg.tracking.system_metrics_interval_s)
+    tracker.set_tags({"aerie.trainer0_cores": str(cores) if cores else "unpinned"})  # a tag: a resume may differ
     try:
         _train(cfg, learner, tracker, targets, batches, rank, world, step, counters, total, per_epoch)
     finally:

@@ -5,7 +5,9 @@ once died here, after training, in the evaluation; no test ran this path."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -34,6 +36,11 @@ def test_demo_preset_whole_driver_path(ray_local, tmp_path, capsys):
     # 'auto' resolved by the target actor on this machine (bf16 only with native bf16 matmuls) and logged as such.
     assert run.data.params["target_info.dtype"] == resolve_dtype("auto", "cpu")
     assert run.data.params["target.dtype"] == "auto"
+    # target.pin_cpus / trainer.pin_cpus: the target actor and the trainer each hold a core of their own.
+    if len(os.sched_getaffinity(0)) >= 2:
+        (target_cores,) = ast.literal_eval(run.data.tags["aerie.target_cores"])  # one actor
+        trainer_cores = ast.literal_eval(run.data.tags["aerie.trainer0_cores"])
+        assert len(target_cores) == 1 and len(trainer_cores) == 1 and target_cores != trainer_cores
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "draft", "plots", "eval"} <= arts
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/eval.json", str(tmp_path))).read_text())
