@@ -248,7 +248,7 @@ def chat_template_id(tokenizer) -> str:
 class HFTarget:
     """Frozen HF causal LM. Used directly in tests and wrapped as a Ray actor by the train entrypoint."""
 
-    def __init__(self, cfg: TargetConfig, name: str = "target") -> None:
+    def __init__(self, cfg: TargetConfig, name: str = "target", pin: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.name = cfg, name
@@ -258,7 +258,9 @@ class HFTarget:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._cores = pin_cores(cfg.num_threads, name) if cfg.pin_cpus and device == "cpu" else None
+        # Only actors pin (jobs.targets passes pin=cfg.pin_cpus): a target built in a driver or benchmark process
+        # must not restrict that process or hold a core's claim for its lifetime.
+        self._cores = pin_cores(cfg.num_threads, name) if pin and device == "cpu" else None
         self.cfg = cfg = resolved_dtype(cfg, device)
         self.dtype = DTYPES[cfg.dtype]
         spread = int(cfg.gpus_per_actor) if device == "cuda" and cfg.gpus_per_actor > 1 else 0

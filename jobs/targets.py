@@ -137,7 +137,7 @@ def start_target_actors(cfg: TargetConfig) -> TargetGroup:
             name=None, max_restarts=cfg.max_restarts, max_task_retries=0, num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor, resources=cfg.resources or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(cfg, f"target-{i}")
+        ).remote(cfg, f"target-{i}", **({"pin": cfg.pin_cpus} if cfg.backend == "hf" else {}))
         for i in range(cfg.num_actors)
     ]
     try:
