@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from eagle3 import numerics
 
 CHUNK = 128  # queries per block in the portable kernel; bounds its transient memory to chunk·T scores per kv head
 
